@@ -1,0 +1,132 @@
+"""The ``baobab`` command: a table of subcommand -> typed function (DESIGN principle 5).
+
+jsonargparse turns each function signature and config dataclass into flags, help and the
+recipe schema; ``baobab train --recipe NAME --optim.lr 3e-4`` loads a recipe and overrides
+any key with a dotted flag. A user error ends the command with one sentence and exit 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
+
+from baobab import commands  # noqa: E402
+from baobab.data import PrepareConfig  # noqa: E402
+from baobab.recipes import recipe_path  # noqa: E402
+from baobab.train.config import RunConfig  # noqa: E402
+from baobab.train.trainer import TrainingError  # noqa: E402
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
+
+
+class RecipeAction(ActionConfigFile):
+    """``--recipe NAME`` loads ``baobab/recipes/NAME.yaml`` (or a YAML path) as a config file."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        super().__call__(parser, cfg, str(recipe_path(values)), option_string)
+
+
+def run_config_parser(prog: str = "baobab train") -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=prog, description="Train a model from a recipe and dotted overrides."
+    )
+    parser.add_argument(
+        "--recipe", action=RecipeAction, help="a shipped recipe name or a YAML file"
+    )
+    parser.add_class_arguments(RunConfig, None)
+    return parser
+
+
+def parse_run_config(args: Sequence[str]) -> RunConfig:
+    """A validated RunConfig from command-line style arguments (used by the CLI and tests)."""
+    parser = run_config_parser()
+    return _to_run_config(parser, parser.parse_args(list(args)))
+
+
+def _to_run_config(parser: ArgumentParser, ns: Namespace) -> RunConfig:
+    return _instantiate(parser, ns, RunConfig)
+
+
+def _instantiate(parser: ArgumentParser, ns: Namespace, kind: type):
+    """Build ``kind`` from parsed flags; its own validation (``__post_init__``) runs here."""
+    ns = ns.clone()
+    for key in ("recipe", "__path__"):
+        ns.pop(key, None)
+    return kind(**vars(parser.instantiate(ns)))
+
+
+def prepare_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="baobab prepare", description=commands.prepare.__doc__)
+    parser.add_argument(
+        "inputs", nargs="+", help="text, .jsonl or .parquet files, or directories of them"
+    )
+    parser.add_class_arguments(PrepareConfig, None, skip={"inputs"})
+    return parser
+
+
+# subcommand -> typed function; its signature is the subcommand's flags.
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "eval": commands.evaluate,
+    "generate": commands.generate,
+    "models": commands.list_models,
+    "recipes": commands.list_recipes,
+    "quickstart": commands.quickstart,
+    "plot": commands.plot,
+}
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="baobab", description="Grow large models: prepare, train, evaluate, generate."
+    )
+    subcommands = parser.add_subcommands()
+    subcommands.add_subcommand("train", run_config_parser(), help="train a model from a recipe")
+    subcommands.add_subcommand(
+        "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
+    )
+    for name, function in COMMANDS.items():
+        sub = ArgumentParser()
+        # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) is positional; the rest are flags.
+        first = next(iter(inspect.signature(function).parameters.values()), None)
+        skip = set()
+        if first is not None and str(first.annotation).startswith("list"):
+            sub.add_argument(first.name, nargs="+")
+            skip.add(first.name)
+        sub.add_function_arguments(function, None, skip=skip)
+        subcommands.add_subcommand(name, sub, help=(function.__doc__ or "").strip().splitlines()[0])
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        name = ns.subcommand
+        if name == "train":
+            commands.train(_to_run_config(run_config_parser(), ns[name]))
+        elif name == "prepare":
+            commands.prepare(_instantiate(prepare_parser(), ns[name], PrepareConfig))
+        else:
+            sub_ns = ns[name].clone()
+            sub_ns.pop("__path__", None)
+            COMMANDS[name](**vars(sub_ns))
+    except USER_ERRORS as err:
+        if os.environ.get("BAOBAB_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1 if isinstance(err, TrainingError) else 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""What each ``baobab`` subcommand does, as plain typed Python functions.
+
+The CLI (``baobab.cli``) derives flags and help from these signatures and docstrings; the
+same functions are the Python API for scripts and notebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from baobab import data as bdata
+from baobab import models
+from baobab.checkpoint import load_trained_model, resolve_checkpoint
+from baobab.models.sampling import generate as sample_tokens
+from baobab.recipes import recipe_names, recipe_path
+from baobab.train.config import RunConfig
+from baobab.train.run import run
+from baobab.train.trainer import TrainResult
+
+
+def prepare(cfg: bdata.PrepareConfig) -> bdata.Manifest:
+    """Tokenize text files (.txt/.jsonl/.parquet or directories) into token shards."""
+    manifest = bdata.prepare(cfg)
+    for split in ("train", "val"):
+        print(
+            f"{split}: {manifest.split_tokens(split):,} tokens in {len(manifest.shard_paths(split))} shard(s)"
+        )
+    print(f"wrote {cfg.out}")
+    return manifest
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Train a model from a recipe and dotted overrides."""
+    result = run(cfg)
+    summary = "  ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+    print(f"done: step {result.step}, loss {result.loss:.4f}  {summary}")
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+    return result
+
+
+def evaluate(checkpoint: str, batches: int = 0) -> dict[str, float]:
+    """Evaluate a checkpoint on its run's validation data.
+
+    Args:
+        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
+        batches: at most this many validation batches (0: all).
+    """
+    from baobab.train.device import pick_device
+    from baobab.train.evaluate import evaluate as run_eval
+    from baobab.train.objectives import build_objective
+    from baobab.train.run import build_data
+
+    ckpt = resolve_checkpoint(checkpoint)
+    model, meta = load_trained_model(ckpt)
+    cfg = RunConfig.from_dict(meta["run"])
+    bundle = build_data(cfg)
+    if bundle.val is None:
+        raise ValueError(f"the run of '{ckpt}' has no validation data to evaluate on")
+    objective = build_objective(
+        meta["objective"],
+        mask_id=bundle.mask_id,
+        vocab_size=bundle.facts.get("vocab_size"),
+        mask_prob=cfg.train.mask_prob,
+    )
+    device = pick_device(cfg.train.device)
+    generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
+    result = run_eval(
+        model.to(device), bundle.val, objective, device, cfg.train.precision, batches, generator
+    )
+    print(f"{ckpt}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+
+def generate(
+    checkpoint: str,
+    prompt: str = "",
+    max_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> str:
+    """Sample a continuation of a prompt from a language-model checkpoint.
+
+    Args:
+        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
+        prompt: the text to continue.
+        max_tokens: at most this many new tokens.
+        temperature: 0 is greedy; higher is more random.
+        top_k: keep only the k most likely tokens (0: all).
+        top_p: keep the smallest set of tokens whose probability reaches p.
+        seed: the same seed and prompt give the same text.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+    ckpt = resolve_checkpoint(checkpoint)
+    model, meta = load_trained_model(ckpt)
+    if meta.get("objective") != "causal_lm":
+        raise ValueError(
+            f"'{ckpt}' holds a {meta['model']['family']} model, which does not generate text"
+        )
+    tokenizer = bdata.Tokenizer.load(ckpt / "tokenizer.json")
+    ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
+    new = sample_tokens(
+        model,
+        ids,
+        max_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        (tokenizer.eot_id,),
+        getattr(model.cfg, "max_seq_len", None),
+    )
+    text = prompt + tokenizer.decode(new)
+    print(text)
+    return text
+
+
+def list_models(seq_len: int = 2048) -> list[dict]:
+    """List the registered model sizes with parameters and training FLOPs per token.
+
+    Args:
+        seq_len: sequence length for the FLOP count of sequence models.
+    """
+    rows = []
+    for name in models.model_names():
+        cfg = models.get_config(name)
+        model = models.build_model(cfg, device="meta")
+        length = min(seq_len, cfg.max_seq_len) if hasattr(cfg, "max_seq_len") else None
+        flops = models.training_flops_per_token(cfg, length)
+        rows.append(
+            {
+                "name": name,
+                "family": models.family_of(cfg).name,
+                "params": models.count_params(model),
+                "flops": flops,
+            }
+        )
+    print(f"{'model':<18} {'family':<8} {'params':>10} {'train FLOPs/token':>18}")
+    for row in rows:
+        print(
+            f"{row['name']:<18} {row['family']:<8} {_human(row['params']):>10} {_human(row['flops']):>18}"
+        )
+    print("(FLOPs per sample for models that do not take tokens)")
+    return rows
+
+
+def list_recipes() -> list[str]:
+    """List the shipped recipes (use one with ``baobab train --recipe NAME``)."""
+    for name in recipe_names():
+        first = recipe_path(name).read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:<15} {first}")
+    return recipe_names()
+
+
+def quickstart(
+    run_dir: str = "runs/quickstart",
+    data_dir: str = "data/stdlib-4096",
+    seed: int = 0,
+    max_steps: int | None = None,
+    prompt: str = "def ",
+    progress: bool = True,
+) -> TrainResult:
+    """Prepare the standard-library corpus, train gpt-mini on CPU, print a sample.
+
+    Args:
+        run_dir: where checkpoints and metrics go (started afresh each time).
+        data_dir: where the prepared corpus goes (reused when already there).
+        seed: the same seed gives the same tokenizer, losses and sample.
+        max_steps: optimizer updates to train for (default: the quickstart recipe's).
+        prompt: the code to continue once trained.
+        progress: show progress bars.
+    """
+    from baobab.cli import parse_run_config
+
+    cfg = parse_run_config(["--recipe", "quickstart"])
+    cfg.data.path = data_dir
+    cfg.train = dataclasses.replace(
+        cfg.train,
+        run_dir=run_dir,
+        seed=seed,
+        max_steps=max_steps or cfg.train.max_steps,
+        overwrite=True,
+        progress=progress,
+    )
+    result = train(cfg)
+    print("\nsample:")
+    print("-" * 60)
+    generate(
+        str(result.checkpoint),
+        prompt=prompt,
+        max_tokens=120,
+        temperature=0.8,
+        top_p=0.95,
+        seed=seed,
+    )
+    print("-" * 60)
+    return result
+
+
+def plot(run_dirs: list[str], out: str = "runs/plot.png") -> Path:
+    """Plot loss, learning rate and throughput of one or several runs into a PNG.
+
+    Args:
+        run_dirs: run directories (each holds a metrics.jsonl).
+        out: the PNG file to write.
+    """
+    from baobab.train.plot import plot_runs
+
+    path = plot_runs(run_dirs, out)
+    print(f"wrote {path}")
+    return path
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,201 @@
+"""Typed configuration of a training run: one dataclass per component.
+
+A recipe (``baobab/recipes/*.yaml``) is a ``RunConfig`` written as YAML; the CLI turns every
+field into a dotted flag (``--optim.lr 3e-4``). Each dataclass validates itself when built,
+so a bad value is refused with one sentence before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from baobab.optim import OptimConfig, ScheduleConfig
+
+DATA_KINDS = ("tokens", "arrays", "images", "digits", "regression")
+OBJECTIVES = ("auto", "causal_lm", "masked_lm", "classification", "regression")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelSpec:
+    """Which model to build.
+
+    Args:
+        name: a registered model name (``baobab models`` lists them), e.g. ``gpt-mini``.
+        overrides: config fields to change from the named size, e.g. ``{"n_layer": 2}``.
+    """
+
+    name: str = "gpt-mini"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from and how they are batched.
+
+    Args:
+        kind: tokens (a prepared corpus), arrays (.npz or .npy), images (a folder of class
+            sub-folders), digits (scikit-learn's bundled 8x8 digits) or regression (synthetic
+            linear data, the seed's example).
+        path: tokens: the prepared directory; arrays: the .npz file or the inputs .npy;
+            images: the root folder.
+        targets_path: arrays: the targets .npy when ``path`` is an inputs .npy.
+        source: tokens only: ``stdlib`` prepares the Python standard library's source into
+            ``path`` when it holds no corpus yet.
+        vocab_size: tokenizer size when ``source`` prepares a corpus.
+        seq_len: tokens per training window.
+        batch_size: samples per micro-batch on each data-parallel rank.
+        val_fraction: share of samples held out for evaluation (non-token kinds).
+        num_samples: regression: how many synthetic samples to make.
+        image_size: images: side length images are resized to.
+    """
+
+    kind: str = "tokens"
+    path: str | None = "data/stdlib-4096"
+    targets_path: str | None = None
+    source: str | None = "stdlib"
+    vocab_size: int = 4096
+    seq_len: int = 256
+    batch_size: int = 16
+    val_fraction: float = 0.1
+    num_samples: int = 1000
+    image_size: int = 32
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in DATA_KINDS,
+            f"unknown data.kind '{self.kind}'; choose one of: {', '.join(DATA_KINDS)}",
+        )
+        _check(
+            self.source in (None, "stdlib"),
+            f"unknown data.source '{self.source}'; the only source is: stdlib",
+        )
+        _check(self.seq_len >= 1, f"data.seq_len must be at least 1, got {self.seq_len}")
+        _check(self.batch_size >= 1, f"data.batch_size must be at least 1, got {self.batch_size}")
+        _check(
+            0 <= self.val_fraction < 1,
+            f"data.val_fraction must be in [0, 1), got {self.val_fraction}",
+        )
+        _check(
+            self.num_samples >= 2, f"data.num_samples must be at least 2, got {self.num_samples}"
+        )
+        needs_path = self.kind in ("tokens", "arrays", "images")
+        _check(
+            not needs_path or self.path is not None,
+            f"data.path is required for data.kind={self.kind}",
+        )
+
+
+@dataclass
+class TrainerConfig:
+    """How the training loop runs.
+
+    Args:
+        run_dir: directory for checkpoints, metrics.jsonl and the resolved config.
+        objective: auto (from the model family), causal_lm, masked_lm, classification or
+            regression.
+        max_steps: stop after this many optimizer updates.
+        max_epochs: stop after this many passes over the training data.
+        target_loss: also stop as soon as the training loss is at or below this value.
+        grad_accum: micro-batches per optimizer update.
+        precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.
+        device: auto (CUDA, then MPS, then CPU) or a torch device string.
+        seed: seeds model initialisation, data order and sampling.
+        eval_every: evaluate every this many steps (0: only at the end).
+        eval_batches: at most this many validation batches per evaluation (0: all).
+        save_every: checkpoint every this many steps (0: only at the end).
+        keep_last: how many checkpoints to keep.
+        log_every: write a metrics line every this many steps.
+        resume: continue from the newest checkpoint in run_dir.
+        overwrite: start over in a run_dir that already holds checkpoints.
+        progress: show a progress bar.
+        peak_flops: the device's peak FLOP/s for MFU; null measures a matmul peak at start.
+        mask_prob: masked LM: share of tokens to mask.
+        threads: CPU threads for torch (0 keeps torch's default).
+    """
+
+    run_dir: str = "runs/default"
+    objective: str = "auto"
+    max_steps: int | None = None
+    max_epochs: int | None = None
+    target_loss: float | None = None
+    grad_accum: int = 1
+    precision: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    eval_every: int = 0
+    eval_batches: int = 20
+    save_every: int = 0
+    keep_last: int = 3
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    peak_flops: float | None = None
+    mask_prob: float = 0.15
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            self.objective in OBJECTIVES,
+            f"unknown train.objective '{self.objective}'; choose one of: {', '.join(OBJECTIVES)}",
+        )
+        _check(
+            self.precision in PRECISIONS,
+            f"unknown train.precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}",
+        )
+        for key in ("max_steps", "max_epochs"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, f"train.{key} must be at least 1, got {value}")
+        for key in ("grad_accum", "keep_last", "log_every"):
+            _check(
+                getattr(self, key) >= 1, f"train.{key} must be at least 1, got {getattr(self, key)}"
+            )
+        for key in ("eval_every", "eval_batches", "save_every", "threads"):
+            _check(
+                getattr(self, key) >= 0, f"train.{key} must be 0 or more, got {getattr(self, key)}"
+            )
+        _check(0 < self.mask_prob < 1, f"train.mask_prob must be in (0, 1), got {self.mask_prob}")
+        _check(
+            self.peak_flops is None or self.peak_flops > 0,
+            f"train.peak_flops must be positive, got {self.peak_flops}",
+        )
+        _check(
+            not (self.resume and self.overwrite),
+            "train.resume and train.overwrite cannot both be set",
+        )
+
+
+@dataclass
+class RunConfig:
+    """A whole training run: what a recipe file holds."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Rebuild a RunConfig from its ``dataclasses.asdict`` form (e.g. checkpoint metadata)."""
+        parts = {
+            "model": ModelSpec,
+            "data": DataConfig,
+            "optim": OptimConfig,
+            "schedule": ScheduleConfig,
+            "train": TrainerConfig,
+        }
+        kwargs = {key: kind(**values[key]) for key, kind in parts.items() if key in values}
+        if "optim" in values:
+            kwargs["optim"] = dataclasses.replace(
+                kwargs["optim"], betas=tuple(values["optim"]["betas"])
+            )
+        return cls(**kwargs)

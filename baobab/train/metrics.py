@@ -1,0 +1,73 @@
+"""Where a run reports: metrics.jsonl (always), TensorBoard (when installed), a progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``run_dir/metrics.jsonl``; mirrors scalars to
+    TensorBoard when the ``tensorboard`` package is importable."""
+
+    def __init__(self, run_dir: str | Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / METRICS_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:
+                self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None and "step" in record:
+            for key, value in record.items():
+                if key not in ("step", "time", "event") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"'{run_dir}' has no {METRICS_FILE}; is it a baobab run directory?")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A progress bar over optimizer steps showing loss, lr, throughput, MFU (tqdm adds ETA)."""
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True, unit: str = "tok"):
+        self.unit = unit
+        self._bar = tqdm(
+            total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
+        )
+
+    def update(self, loss: float, lr: float, throughput: float, mfu: float | None) -> None:
+        postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", f"{self.unit}/s": f"{throughput:,.0f}"}
+        if mfu is not None:
+            postfix["mfu"] = f"{100 * mfu:.1f}%"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._bar.update(1)
+
+    def write(self, message: str) -> None:
+        self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()

@@ -1,0 +1,191 @@
+"""From a ``RunConfig`` (a recipe plus command-line overrides) to a finished run.
+
+This is what ``baobab train`` calls; it is also the shortest way to train from Python::
+
+    from baobab.train import RunConfig, run
+    result = run(RunConfig(...))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from baobab import data as bdata
+from baobab import models
+from baobab.optim import build_optimizer, build_scheduler, is_full_batch
+from baobab.train.config import RunConfig
+from baobab.train.objectives import build_objective
+from baobab.train.trainer import Trainer, TrainResult
+
+# Model config fields that the data decides, unless the user overrode them.
+DATA_DECIDED = (
+    "vocab_size",
+    "num_classes",
+    "in_channels",
+    "in_features",
+    "out_features",
+    "image_size",
+)
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Any
+    val: Any
+    facts: dict[str, Any]  # model config fields the data decides (see DATA_DECIDED)
+    tokenizer_file: Path | None = None
+    mask_id: int | None = None
+
+
+def build_data(cfg: RunConfig, full_batch: bool = False) -> DataBundle:
+    """Loaders for ``cfg.data``; a prepared corpus is made first when ``data.source`` says so."""
+    d, seed = cfg.data, cfg.train.seed
+    if d.kind == "tokens":
+        path = Path(d.path)
+        if d.source == "stdlib" and not (path / "manifest.json").is_file():
+            bdata.prepare_stdlib(
+                path, vocab_size=d.vocab_size, seed=seed, progress=cfg.train.progress
+            )
+        manifest = bdata.Manifest.load(path)
+        train_ds = bdata.TokenWindows(path, "train", d.seq_len)
+        val_ds = (
+            bdata.TokenWindows(path, "val", d.seq_len)
+            if manifest.split_tokens("val") > d.seq_len
+            else None
+        )
+        tok = manifest.tokenizer()
+        facts = {"vocab_size": manifest.vocab_size}
+        loaders = _loaders(train_ds, val_ds, d.batch_size, seed, drop_last=not full_batch)
+        return DataBundle(*loaders, facts, path / "tokenizer.json", tok.mask_id)
+    if d.kind == "digits":
+        dataset, _ = bdata.load_digits()
+    elif d.kind == "regression":
+        dataset = bdata.make_regression(n=d.num_samples, seed=seed)
+    elif d.kind == "arrays":
+        dataset = bdata.load_arrays(d.path, d.targets_path)
+    else:  # images
+        dataset, _ = bdata.load_image_folder(d.path, d.image_size)
+    train_ds, val_ds = (
+        bdata.train_val_split(dataset, d.val_fraction, seed) if d.val_fraction else (dataset, None)
+    )
+    facts = _array_facts(dataset)
+    return DataBundle(*_loaders(train_ds, val_ds, d.batch_size, seed, drop_last=False), facts)
+
+
+def _loaders(train_ds, val_ds, batch_size: int, seed: int, drop_last: bool):
+    train = bdata.DataLoader(train_ds, batch_size, seed=seed, shuffle=True, drop_last=drop_last)
+    val = (
+        bdata.DataLoader(val_ds, batch_size, seed=seed, shuffle=False, drop_last=False)
+        if val_ds
+        else None
+    )
+    return train, val
+
+
+def _array_facts(dataset) -> dict[str, Any]:
+    x, y = dataset.x, dataset.y
+    facts: dict[str, Any] = {"in_features": int(x.shape[1]) if x.ndim == 2 else None}
+    if x.ndim == 4:  # (N, C, H, W) images
+        facts.update(in_channels=int(x.shape[1]), image_size=int(x.shape[2]))
+    if y.dtype.kind in "iu":
+        facts["num_classes"] = int(y.max()) + 1
+    else:
+        facts["out_features"] = 1 if y.ndim == 1 else int(y.shape[1])
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def model_config_for(cfg: RunConfig, facts: dict[str, Any]):
+    """The named model config with data-decided fields filled in, then user overrides."""
+    base = models.get_config(cfg.model.name)
+    fields = {f.name for f in dataclasses.fields(base)}
+    decided = {k: v for k, v in facts.items() if k in fields and k in DATA_DECIDED}
+    overrides = {**decided, **cfg.model.overrides}
+    if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < facts.get(
+        "vocab_size", 0
+    ):
+        raise ValueError(
+            f"model.overrides.vocab_size {cfg.model.overrides['vocab_size']} is smaller than the tokenizer's "
+            f"{facts['vocab_size']} tokens"
+        )
+    model_cfg = models.get_config(cfg.model.name, **overrides)
+    max_len = getattr(model_cfg, "max_seq_len", None)
+    if cfg.data.kind == "tokens" and max_len is not None and cfg.data.seq_len > max_len:
+        raise ValueError(
+            f"data.seq_len {cfg.data.seq_len} exceeds the model's max_seq_len {max_len}; lower data.seq_len "
+            "or set model.overrides.max_seq_len"
+        )
+    return model_cfg
+
+
+def build_trainer(cfg: RunConfig) -> Trainer:
+    """Everything a run needs, built and validated before the first step."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    full_batch = is_full_batch(cfg.optim)
+    models.get_config(
+        cfg.model.name, **cfg.model.overrides
+    )  # refuse a bad model before any data work
+    bundle = build_data(cfg, full_batch)
+    model_cfg = model_config_for(cfg, bundle.facts)
+    family = models.family_of(model_cfg)
+    objective_name = (
+        models.task_of(model_cfg) if cfg.train.objective == "auto" else cfg.train.objective
+    )
+    objective = build_objective(
+        objective_name,
+        mask_id=bundle.mask_id,
+        vocab_size=bundle.facts.get("vocab_size"),
+        mask_prob=cfg.train.mask_prob,
+    )
+    torch.manual_seed(cfg.train.seed)
+    model = models.build_model(model_cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    seq_len = cfg.data.seq_len if cfg.data.kind == "tokens" else None
+    trainer = Trainer(
+        model,
+        optimizer,
+        bundle.train,
+        cfg=cfg.train,
+        objective=objective,
+        val_loader=bundle.val,
+        grad_clip_norm=cfg.optim.grad_clip_norm,
+        grad_clip_value=cfg.optim.grad_clip_value,
+        full_batch=full_batch,
+        flops_per_item=models.training_flops_per_token(model_cfg, seq_len),
+        meta={
+            "model": {
+                "name": cfg.model.name,
+                "family": family.name,
+                "config": _plain(dataclasses.asdict(model_cfg)),
+            },
+            "objective": objective_name,
+            "data": {"kind": cfg.data.kind, "seq_len": seq_len},
+            "run": _plain(dataclasses.asdict(cfg)),
+        },
+        tokenizer_file=bundle.tokenizer_file,
+    )
+    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps)
+    return trainer
+
+
+def run(cfg: RunConfig) -> TrainResult:
+    """Train as ``cfg`` says; the resolved config is kept as ``run_dir/config.yaml``."""
+    trainer = build_trainer(cfg)
+    save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+    return trainer.fit()
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy (tuples become lists) for YAML and JSON metadata."""
+    return json.loads(json.dumps(value))
