@@ -196,7 +196,34 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    png = plot_rounds(times, tokens_per_run, result, out.with_suffix(".png"))
+    print(f"wrote {out} and {png}")
+
+
+def plot_rounds(times: dict[str, list[float]], tokens: int, result: dict, out: Path) -> Path:
+    """Tokens/s of each round for both loops, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = range(1, len(times["baseline"]) + 1)
+    width = 0.38
+    for offset, name in ((-width / 2, "baseline"), (width / 2, "baobab")):
+        ax.bar([r + offset for r in rounds], [tokens / t for t in times[name]], width, label=name)
+    ratio = result["ratio_baobab_over_baseline"]
+    ax.set(
+        xlabel="round",
+        ylabel="tokens/s",
+        title=f"{result['model']} training, baobab/baseline = {ratio:.3f}",
+    )
+    ax.set_xticks(list(rounds))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 if __name__ == "__main__":
