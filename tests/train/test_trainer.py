@@ -171,3 +171,29 @@ def test_digits_resnet_learns(tmp_path):
             "--model.overrides.width", "8", "--train.progress", "false", "--train.eval_every", "0"]  # fmt: skip
     result = run(parse_run_config(args))
     assert result.val["val_acc"] > 0.3  # 10 classes: chance is 0.1
+
+
+def test_npz_arrays_and_image_folder_train(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 10)).astype(np.float32)
+    np.savez(tmp_path / "xy.npz", x=x, y=x @ rng.normal(size=(10, 1)).astype(np.float32))
+    args = ["--recipe", "seed-mlp", "--data.kind", "arrays", "--data.path", str(tmp_path / "xy.npz"),
+            "--train.max_epochs", "30", "--train.run_dir", str(tmp_path / "arrays"), "--train.progress", "false"]  # fmt: skip
+    result = run(parse_run_config(args))
+    assert result.losses[-1] < result.losses[0] / 2
+
+    for label, value in (("dark", 40), ("light", 215)):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(value, 20, size=(10, 10, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    args = ["--model.name", "resnet18-digits", "--model.overrides.width", "8", "--data.kind", "images",
+            "--data.path", str(tmp_path / "images"), "--data.image_size", "8", "--data.batch_size", "8",
+            "--data.val_fraction", "0.25", "--optim.lr", "0.01", "--schedule.name", "constant",
+            "--train.max_epochs", "6", "--train.run_dir", str(tmp_path / "img"), "--train.progress", "false"]  # fmt: skip
+    result = run(parse_run_config(args))
+    assert result.losses[-1] < result.losses[0] / 2  # two classes that differ in brightness
+    assert 0.0 <= result.val["val_acc"] <= 1.0
