@@ -17,7 +17,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
 
-from baobab import commands  # noqa: E402
+from baobab import commands, launch  # noqa: E402
 from baobab.data import PrepareConfig  # noqa: E402
 from baobab.recipes import recipe_path  # noqa: E402
 from baobab.train.config import RunConfig  # noqa: E402
@@ -74,6 +74,7 @@ def prepare_parser() -> ArgumentParser:
 # subcommand -> typed function; its signature is the subcommand's flags.
 COMMANDS: dict[str, Callable[..., Any]] = {
     "eval": commands.evaluate,
+    "export": commands.export,
     "generate": commands.generate,
     "models": commands.list_models,
     "recipes": commands.list_recipes,
@@ -105,9 +106,15 @@ def build_parser() -> ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+        if argv[:1] == ["train"] and not launch.in_worker():
+            launch_args, argv = launch.split_launch_args(argv)
+            if launch_args:
+                parser.parse_args(argv)  # refuse bad flags before starting any worker
+                return launch.launch(launch_args, argv)
+        ns = parser.parse_args(argv)
         name = ns.subcommand
         if name == "train":
             commands.train(_to_run_config(run_config_parser(), ns[name]))
@@ -120,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except USER_ERRORS as err:
         if os.environ.get("BAOBAB_DEBUG"):
             raise
-        print(f"error: {err}", file=sys.stderr)
+        rank = f"rank {os.environ['RANK']}: " if launch.in_worker() else ""
+        print(f"{rank}error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingError) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

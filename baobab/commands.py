@@ -63,7 +63,7 @@ def evaluate(checkpoint: str, batches: int = 0) -> dict[str, float]:
     objective = build_objective(
         meta["objective"],
         mask_id=bundle.mask_id,
-        vocab_size=bundle.facts.get("vocab_size"),
+        vocab_size=bundle.facts.get("tokenizer_vocab_size"),
         mask_prob=cfg.train.mask_prob,
     )
     device = pick_device(cfg.train.device)
@@ -121,6 +121,22 @@ def generate(
     text = prompt + tokenizer.decode(new)
     print(text)
     return text
+
+
+def export(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint (saved under any layout) as consolidated safetensors + config + tokenizer.
+
+    Args:
+        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
+        out: the directory to write; loadable on one device with no torch.distributed.
+        dtype: cast the weights: float32, bfloat16 or float16 (default: as trained).
+        overwrite: replace an existing export in ``out``.
+    """
+    from baobab.export import export_checkpoint
+
+    path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
+    print(f"wrote {path}")
+    return path
 
 
 def list_models(seq_len: int = 2048) -> list[dict]:

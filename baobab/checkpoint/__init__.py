@@ -1,23 +1,41 @@
-"""Resumable training checkpoints: atomic, self-describing, keep-last-k."""
+"""Resumable distributed training checkpoints: DCP state, atomic completion, keep-last-k.
 
-from baobab.checkpoint.store import (
+Every rank calls :func:`save_checkpoint` and :func:`load_checkpoint`; weights and optimizer
+state go through torch.distributed.checkpoint (DCP) keyed by parameter name, so a checkpoint
+saved under one parallel layout loads under any other, or in one process with no process
+group at all (:func:`load_trained_model`). See ``store.py`` for the on-disk layout and the
+save protocol, ``trainer_state.py`` for how the trainer's own state is stored.
+
+Trust: a checkpoint is trusted training state, for resuming your own runs. DCP writes its
+``.metadata`` file (and non-tensor optimizer values) with pickle, so never load a checkpoint
+directory someone handed you. The artefact meant for sharing is what ``baobab export``
+writes (:mod:`baobab.export`): consolidated safetensors plus JSON, loaded without pickle;
+weights loaded from anywhere else must come from safetensors too.
+"""
+
+from baobab.checkpoint.layout import (
     checkpoint_dirs,
     latest_checkpoint,
-    load_state,
-    load_trained_model,
-    load_weights,
     read_meta,
     resolve_checkpoint,
-    save_checkpoint,
 )
+from baobab.checkpoint.store import (
+    load_checkpoint,
+    load_trained_model,
+    save_checkpoint,
+    wait_for_checkpoint,
+)
+from baobab.checkpoint.trainer_state import load_trainer_state, save_trainer_state
 
 __all__ = [
     "checkpoint_dirs",
     "latest_checkpoint",
-    "load_state",
+    "load_checkpoint",
     "load_trained_model",
-    "load_weights",
+    "load_trainer_state",
     "read_meta",
     "resolve_checkpoint",
     "save_checkpoint",
+    "save_trainer_state",
+    "wait_for_checkpoint",
 ]

@@ -88,6 +88,8 @@ def param_groups(
 def _output_layer(model: nn.Module, output_layer: str | None) -> nn.Module | None:
     """The module whose parameters muon keeps on AdamW: named, or the last ``nn.Linear``."""
     modules = dict(model.named_modules())
+    if output_layer == "":  # a model part (e.g. a pipeline stage) without the output layer
+        return None
     if output_layer is None:
         linears = [m for m in modules.values() if isinstance(m, nn.Linear)]
         return linears[-1] if linears else None
@@ -180,7 +182,8 @@ def build_optimizer(
 
     Weight decay follows ``param_groups``. For muon, ``output_layer`` names the module
     (as in ``model.named_modules()``) kept on AdamW; None picks the last ``nn.Linear``
-    in ``model.modules()`` order. Other optimizers ignore ``output_layer``.
+    in ``model.modules()`` order and "" says the model (part) has none. Other optimizers
+    ignore ``output_layer``.
     """
     if not _trainable(model):
         raise ValueError("model has no parameters with requires_grad=True to optimize.")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baobab.optim import OptimConfig, ScheduleConfig
+from baobab.parallel import ParallelConfig
 
 DATA_KINDS = ("tokens", "arrays", "images", "digits", "regression")
 OBJECTIVES = ("auto", "causal_lm", "masked_lm", "classification", "regression")
@@ -112,6 +113,7 @@ class TrainerConfig:
         eval_batches: at most this many validation batches per evaluation (0: all).
         save_every: checkpoint every this many steps (0: only at the end).
         keep_last: how many checkpoints to keep.
+        async_save: write checkpoints in the background while training goes on.
         log_every: write a metrics line every this many steps.
         resume: continue from the newest checkpoint in run_dir.
         overwrite: start over in a run_dir that already holds checkpoints.
@@ -134,6 +136,7 @@ class TrainerConfig:
     eval_batches: int = 20
     save_every: int = 0
     keep_last: int = 3
+    async_save: bool = False
     log_every: int = 10
     resume: bool = False
     overwrite: bool = False
@@ -182,6 +185,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -192,6 +196,7 @@ class RunConfig:
             "optim": OptimConfig,
             "schedule": ScheduleConfig,
             "train": TrainerConfig,
+            "parallel": ParallelConfig,
         }
         kwargs = {key: kind(**values[key]) for key, kind in parts.items() if key in values}
         if "optim" in values:

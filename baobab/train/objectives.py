@@ -36,6 +36,13 @@ class Objective:
         return Batch(x, y, int(y.shape[0]))
 
     def loss(self, model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mean loss over the batch's terms, and summed extras (e.g. correct predictions)."""
+        return self.criterion(model(batch.inputs), batch.targets)
+
+    def criterion(
+        self, output: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss given the model's output: what a pipeline's last stage computes."""
         raise NotImplementedError
 
     def items(self, batch: Batch) -> int:
@@ -54,10 +61,8 @@ class CausalLM(_LanguageModel):
     def prepare(self, x, y, generator=None):
         return Batch(x, y, int(y.numel()))
 
-    def loss(self, model, batch):
-        logits = model(batch.inputs)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.targets.flatten())
-        return loss, {}
+    def criterion(self, logits, targets):  # logits (B, T, V), targets (B, T)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()), {}
 
 
 class MaskedLM(_LanguageModel):
@@ -85,9 +90,8 @@ class MaskedLM(_LanguageModel):
         inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
         return Batch(inputs, labels, int(chosen.sum()))
 
-    def loss(self, model, batch):
-        logits = model(batch.inputs)  # (B, T, V)
-        flat_logits, flat_labels = logits.flatten(0, 1).float(), batch.targets.flatten()
+    def criterion(self, logits, labels):  # logits (B, T, V), labels (B, T)
+        flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()
         loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE_INDEX)
         keep = flat_labels != IGNORE_INDEX
         correct = (flat_logits.argmax(-1)[keep] == flat_labels[keep]).sum()
@@ -97,10 +101,9 @@ class MaskedLM(_LanguageModel):
 class Classification(Objective):
     name, metric = "classification", "accuracy"
 
-    def loss(self, model, batch):
-        logits = model(batch.inputs)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), batch.targets)
-        return loss, {"correct": (logits.argmax(-1) == batch.targets).sum()}
+    def criterion(self, logits, targets):  # logits (B, num_classes), targets (B,)
+        loss = F.cross_entropy(logits.float(), targets)
+        return loss, {"correct": (logits.argmax(-1) == targets).sum()}
 
 
 class Regression(Objective):
@@ -108,10 +111,8 @@ class Regression(Objective):
 
     name = "regression"
 
-    def loss(self, model, batch):
-        output = model(batch.inputs)
-        target = batch.targets.reshape(output.shape)
-        return torch.mean((output.float() - target) ** 2), {}
+    def criterion(self, output, targets):
+        return torch.mean((output.float() - targets.reshape(output.shape)) ** 2), {}
 
 
 def build_objective(

@@ -10,16 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 
 from baobab import data as bdata
 from baobab import models
 from baobab.optim import build_optimizer, build_scheduler, is_full_batch
+from baobab.parallel import build_mesh, dp_rank_and_size, parallelize
+from baobab.train import distributed as bdist
 from baobab.train.config import RunConfig
+from baobab.train.device import pick_device
 from baobab.train.objectives import build_objective
 from baobab.train.trainer import Trainer, TrainResult
 
@@ -43,8 +48,11 @@ class DataBundle:
     mask_id: int | None = None
 
 
-def build_data(cfg: RunConfig, full_batch: bool = False) -> DataBundle:
-    """Loaders for ``cfg.data``; a prepared corpus is made first when ``data.source`` says so."""
+def build_data(
+    cfg: RunConfig, full_batch: bool = False, rank: int = 0, world_size: int = 1
+) -> DataBundle:
+    """Loaders for ``cfg.data`` for data-parallel ``rank`` of ``world_size``; a prepared
+    corpus is made first (by rank 0, the others wait) when ``data.source`` says so."""
     d, seed = cfg.data, cfg.train.seed
     if d.kind == "tokens":
         path = Path(d.path)
@@ -60,8 +68,13 @@ def build_data(cfg: RunConfig, full_batch: bool = False) -> DataBundle:
             else None
         )
         tok = manifest.tokenizer()
-        facts = {"vocab_size": manifest.vocab_size}
-        loaders = _loaders(train_ds, val_ds, d.batch_size, seed, drop_last=not full_batch)
+        # Round the embedding table up to a multiple of 64: faster matmuls and divisible by
+        # any tensor-parallel degree up to 64; the extra ids are never produced by the data.
+        facts = {
+            "vocab_size": -(-manifest.vocab_size // 64) * 64,
+            "tokenizer_vocab_size": manifest.vocab_size,
+        }
+        loaders = _loaders(train_ds, val_ds, d.batch_size, seed, not full_batch, rank, world_size)
         return DataBundle(*loaders, facts, path / "tokenizer.json", tok.mask_id)
     if d.kind == "digits":
         dataset, _ = bdata.load_digits()
@@ -75,13 +88,20 @@ def build_data(cfg: RunConfig, full_batch: bool = False) -> DataBundle:
         bdata.train_val_split(dataset, d.val_fraction, seed) if d.val_fraction else (dataset, None)
     )
     facts = _array_facts(dataset)
-    return DataBundle(*_loaders(train_ds, val_ds, d.batch_size, seed, drop_last=False), facts)
+    return DataBundle(
+        *_loaders(train_ds, val_ds, d.batch_size, seed, False, rank, world_size), facts
+    )
 
 
-def _loaders(train_ds, val_ds, batch_size: int, seed: int, drop_last: bool):
-    train = bdata.DataLoader(train_ds, batch_size, seed=seed, shuffle=True, drop_last=drop_last)
+def _loaders(
+    train_ds, val_ds, batch_size: int, seed: int, drop_last: bool, rank: int, world_size: int
+):
+    ranks = {"rank": rank, "world_size": world_size}
+    train = bdata.DataLoader(
+        train_ds, batch_size, seed=seed, shuffle=True, drop_last=drop_last, **ranks
+    )
     val = (
-        bdata.DataLoader(val_ds, batch_size, seed=seed, shuffle=False, drop_last=False)
+        bdata.DataLoader(val_ds, batch_size, seed=seed, shuffle=False, drop_last=False, **ranks)
         if val_ds
         else None
     )
@@ -107,11 +127,11 @@ def model_config_for(cfg: RunConfig, facts: dict[str, Any]):
     decided = {k: v for k, v in facts.items() if k in fields and k in DATA_DECIDED}
     overrides = {**decided, **cfg.model.overrides}
     if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < facts.get(
-        "vocab_size", 0
+        "tokenizer_vocab_size", 0
     ):
         raise ValueError(
             f"model.overrides.vocab_size {cfg.model.overrides['vocab_size']} is smaller than the tokenizer's "
-            f"{facts['vocab_size']} tokens"
+            f"{facts['tokenizer_vocab_size']} tokens"
         )
     model_cfg = models.get_config(cfg.model.name, **overrides)
     max_len = getattr(model_cfg, "max_seq_len", None)
@@ -124,15 +144,31 @@ def model_config_for(cfg: RunConfig, facts: dict[str, Any]):
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
-    """Everything a run needs, built and validated before the first step."""
+    """Everything a run needs, built and validated before the first step.
+
+    Under torchrun the process group is joined first; the layout (``cfg.parallel``) is
+    checked against the world size and the model before any data is touched.
+    """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     full_batch = is_full_batch(cfg.optim)
-    models.get_config(
-        cfg.model.name, **cfg.model.overrides
-    )  # refuse a bad model before any data work
-    bundle = build_data(cfg, full_batch)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Refuse a bad model or layout before any data work or process-group start-up.
+    checks = {
+        "seq_len": cfg.data.seq_len if cfg.data.kind == "tokens" else None,
+        "local_batch_size": cfg.data.batch_size,
+    }
+    layout = cfg.parallel.validate(
+        world, models.get_config(cfg.model.name, **cfg.model.overrides), **checks
+    )
+    device = (
+        bdist.init_distributed(cfg.train.device) if world > 1 else pick_device(cfg.train.device)
+    )
+    mesh = build_mesh(layout, device.type) if world > 1 else None
+    dp_rank, dp_size = dp_rank_and_size(mesh) if mesh is not None else (0, 1)
+    bundle = build_data(cfg, full_batch, dp_rank, dp_size)
     model_cfg = model_config_for(cfg, bundle.facts)
+    layout = cfg.parallel.validate(world, model_cfg, **checks)
     family = models.family_of(model_cfg)
     objective_name = (
         models.task_of(model_cfg) if cfg.train.objective == "auto" else cfg.train.objective
@@ -140,16 +176,33 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     objective = build_objective(
         objective_name,
         mask_id=bundle.mask_id,
-        vocab_size=bundle.facts.get("vocab_size"),
+        vocab_size=bundle.facts.get("tokenizer_vocab_size"),
         mask_prob=cfg.train.mask_prob,
     )
+    # Every rank builds the same full model from the same seed, so a parallel run starts
+    # from exactly the weights of the single-process run; parallelize() then shards it.
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(model_cfg)
-    optimizer = build_optimizer(model, cfg.optim)
+    if mesh is not None:
+        head = _output_layer_name(model)
+        model = parallelize(
+            model,
+            mesh,
+            layout,
+            loss_fn=lambda output, target: objective.criterion(output, target)[0],
+        )
+        optimizers = [
+            build_optimizer(
+                part, cfg.optim, output_layer=head if head in dict(part.named_modules()) else ""
+            )
+            for part in model.parts
+        ]
+    else:
+        optimizers = [build_optimizer(model, cfg.optim)]
     seq_len = cfg.data.seq_len if cfg.data.kind == "tokens" else None
     trainer = Trainer(
         model,
-        optimizer,
+        optimizers,
         bundle.train,
         cfg=cfg.train,
         objective=objective,
@@ -169,16 +222,30 @@ def build_trainer(cfg: RunConfig) -> Trainer:
             "run": _plain(dataclasses.asdict(cfg)),
         },
         tokenizer_file=bundle.tokenizer_file,
+        device=device,
     )
-    trainer.scheduler = build_scheduler(optimizer, cfg.schedule, trainer.total_steps)
+    trainer.schedulers = [
+        build_scheduler(opt, cfg.schedule, trainer.total_steps) for opt in optimizers
+    ]
     return trainer
+
+
+def _output_layer_name(model: nn.Module) -> str:
+    """The full model's last Linear: muon keeps it on AdamW in whichever part holds it."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return names[-1] if names else ""
 
 
 def run(cfg: RunConfig) -> TrainResult:
     """Train as ``cfg`` says; the resolved config is kept as ``run_dir/config.yaml``."""
-    trainer = build_trainer(cfg)
-    save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
-    return trainer.fit()
+    try:
+        trainer = build_trainer(cfg)
+        if bdist.is_main():
+            save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
+        return trainer.fit()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

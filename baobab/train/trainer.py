@@ -1,9 +1,11 @@
-"""The single-device training loop.
+"""The training loop, on one device or under any parallel layout.
 
-One step is one optimizer update over ``grad_accum`` micro-batches. Each micro-batch's mean
-loss is weighted by its share of the step's loss terms, so the step's gradient is that of
-the mean over every term in the step (exact for unequal batches and for full-batch
-gradient descent, where a step is a whole epoch).
+One step is one optimizer update over ``grad_accum`` micro-batches (or one pipeline
+schedule run over ``pp_microbatches``). Each micro-batch's mean loss is weighted by its
+share of the step's loss terms across all data-parallel ranks, so the step's gradient is
+that of the mean over every term in the global batch: exact for unequal batches, for
+full-batch gradient descent (a step is a whole epoch) and under data parallelism, whose
+gradient reduction averages over ``dp`` ranks (hence the ``dp`` factor in the weight).
 
 Resume invariant: a checkpoint taken after step ``s`` holds everything later steps read
 (weights, optimizer, schedule, data position, RNG), and evaluation draws from its own
@@ -25,16 +27,18 @@ from torch import nn
 from baobab.checkpoint import (
     checkpoint_dirs,
     latest_checkpoint,
-    load_state,
-    load_weights,
+    load_checkpoint,
     save_checkpoint,
+    wait_for_checkpoint,
 )
 from baobab.optim import clip_gradients
+from baobab.parallel import ParallelModel, clip_grad_norm_parallel
+from baobab.train import distributed as bdist
 from baobab.train.config import TrainerConfig
 from baobab.train.device import autocast_context, peak_flops, pick_device
 from baobab.train.evaluate import evaluate
 from baobab.train.metrics import METRICS_FILE, MetricsLog, Progress
-from baobab.train.objectives import Objective, build_objective
+from baobab.train.objectives import Batch, Objective, build_objective
 
 
 class TrainingError(RuntimeError):
@@ -51,23 +55,23 @@ class TrainResult:
 
 
 class Trainer:
-    """Trains ``model`` with ``optimizer`` on batches from ``train_loader``.
+    """Trains a model with its optimizer on batches from ``train_loader``.
 
-    ``train_loader`` and ``val_loader`` are :class:`baobab.data.DataLoader` objects (anything
-    with ``next_batch``, ``iter_epoch``, ``batches_per_epoch``, ``epoch``, ``state_dict`` and
-    ``load_state_dict``). ``flops_per_item`` (per token for language models, per sample
-    otherwise) enables the MFU readout.
+    ``model`` is an ``nn.Module`` or a :class:`baobab.parallel.ParallelModel` (its parts each
+    have an optimizer in ``optimizer``, given as a list). ``train_loader`` and ``val_loader``
+    are :class:`baobab.data.DataLoader` objects for this rank. ``flops_per_item`` (per token
+    for language models, per sample otherwise) enables the MFU readout.
     """
 
     def __init__(
         self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        model: nn.Module | ParallelModel,
+        optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
         train_loader: Any,
         *,
         cfg: TrainerConfig,
         objective: Objective | str = "regression",
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        scheduler: Any = None,
         val_loader: Any = None,
         grad_clip_norm: float | None = None,
         grad_clip_value: float | None = None,
@@ -75,8 +79,19 @@ class Trainer:
         flops_per_item: float | None = None,
         meta: dict[str, Any] | None = None,
         tokenizer_file: str | Path | None = None,
+        device: torch.device | None = None,
     ):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.parallel = model if isinstance(model, ParallelModel) else None
+        self.parts: list[nn.Module] = self.parallel.parts if self.parallel else [model]
+        self.model = self.parts[0]
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        self.schedulers = (
+            list(scheduler)
+            if isinstance(scheduler, (list, tuple))
+            else [scheduler]
+            if scheduler
+            else []
+        )
         self.train_loader, self.val_loader, self.cfg = train_loader, val_loader, cfg
         self.objective = build_objective(objective) if isinstance(objective, str) else objective
         self.clip_norm, self.clip_value = grad_clip_norm, grad_clip_value
@@ -86,89 +101,93 @@ class Trainer:
             tokenizer_file,
         )
         self.run_dir = Path(cfg.run_dir)
+        self.pipelined = self.parallel is not None and self.parallel.schedule is not None
         # Full-batch gradient descent: one update per pass over the whole training set.
         self.grad_accum = train_loader.batches_per_epoch if full_batch else cfg.grad_accum
-        self.steps_per_epoch = max(1, train_loader.batches_per_epoch // self.grad_accum)
+        if self.pipelined and self.grad_accum > 1:
+            raise ValueError(
+                "pipeline parallelism accumulates through parallel.pp_microbatches; set train.grad_accum 1"
+            )
         if cfg.max_steps is None and cfg.max_epochs is None:
             raise ValueError(
                 "set train.max_steps or train.max_epochs so the run knows when to stop"
             )
+        self.steps_per_epoch = max(1, train_loader.batches_per_epoch // self.grad_accum)
         limits = [cfg.max_steps] if cfg.max_steps else []
         if cfg.max_epochs:
             limits.append(cfg.max_epochs * self.steps_per_epoch)
         self.total_steps = min(limits)
-        self.device = pick_device(cfg.device)
+        self.device = device or pick_device(cfg.device)
+        self.dp_size = self.parallel.cfg.dp_size if self.parallel else 1
+        # One rank per model replica reports sums (see baobab.train.distributed).
+        self.contributes = self.parallel is None or self.parallel.reports
         self.step = 0
         self._eval_generator_seed = cfg.seed + 1  # evaluation never touches the training RNG
 
     # -- state ----------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def trainer_state(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["cuda"] = torch.cuda.get_rng_state()
         return {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "schedulers": [s.state_dict() for s in self.schedulers],
             "data": self.train_loader.state_dict(),
             "rng": rng,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_trainer_state(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler") is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
+        for scheduler, sd in zip(self.schedulers, state["schedulers"]):
+            scheduler.load_state_dict(sd)
         self.train_loader.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
 
     def save(self) -> Path:
         return save_checkpoint(
-            self.run_dir,
-            self.step,
-            self.model,
-            self.state_dict(),
-            self.meta,
-            self.tokenizer_file,
-            self.cfg.keep_last,
-        )
+            self.run_dir, self.step, self.parts, self.optimizers, self.trainer_state(), self.meta,
+            tokenizer_file=self.tokenizer_file, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save,
+        )  # fmt: skip
 
     def _prepare_run_dir(self) -> None:
-        existing = checkpoint_dirs(self.run_dir)
         if self.cfg.resume:
             newest = latest_checkpoint(self.run_dir)
             if newest is None:
                 raise ValueError(
                     f"train.resume is set but '{self.run_dir}' holds no checkpoint to resume from"
                 )
-            load_weights(newest, self.model)
-            self.load_state_dict(load_state(newest))
-        elif existing or (self.run_dir / METRICS_FILE).exists():
+            self.load_trainer_state(load_checkpoint(newest, self.parts, self.optimizers))
+        elif checkpoint_dirs(self.run_dir) or (self.run_dir / METRICS_FILE).exists():
             if not self.cfg.overwrite:
                 raise ValueError(
                     f"run directory '{self.run_dir}' already holds a run; pass --train.resume true to "
                     "continue it or --train.overwrite true to start over"
                 )
-            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-            shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-            (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+            bdist.barrier()  # every rank has looked before rank 0 deletes
+            if bdist.is_main():
+                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        bdist.barrier()
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train until max steps/epochs or the target loss; save and evaluate at the end."""
-        cfg, model = self.cfg, self.model
-        model.to(self.device)
+        cfg = self.cfg
+        for part in self.parts:
+            part.to(self.device)
         self._prepare_run_dir()
-        log = MetricsLog(self.run_dir)
+        main = bdist.is_main()
+        log = MetricsLog(self.run_dir) if main else None
         peak = cfg.peak_flops or (
             peak_flops(self.device, cfg.precision) if self.flops_per_item else None
         )
         unit = "tok" if self.objective.metric == "perplexity" else "samples"
-        if self.step:
+        if self.step and log:
             log.write({"event": "resume", "step": self.step})
-        progress = Progress(self.total_steps, self.step, cfg.progress, unit)
+        progress = Progress(self.total_steps, self.step, cfg.progress and main, unit)
         result = TrainResult(step=self.step, loss=math.nan)
         val: dict[str, float] = {}
         try:
@@ -191,23 +210,19 @@ class Trainer:
                 self.step += 1
                 result.losses.append(loss)
                 throughput = items / elapsed
-                mfu = throughput * self.flops_per_item / peak if peak else None
-                lr = self.optimizer.param_groups[0]["lr"]
+                mfu = (
+                    throughput * self.flops_per_item / (peak * bdist.world_size()) if peak else None
+                )
+                lr = self.optimizers[0].param_groups[0]["lr"]
                 progress.update(loss, lr, throughput, mfu)
-                if self.step % cfg.log_every == 0 or self.step == self.total_steps:
-                    record = {
-                        "step": self.step,
-                        "epoch": self.train_loader.epoch,
-                        "loss": loss,
-                        "lr": lr,
-                        "grad_norm": grad_norm,
-                        f"{unit}_per_s": throughput,
-                    }
+                if log and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                    record = {"step": self.step, "epoch": self.train_loader.epoch, "loss": loss, "lr": lr,
+                              "grad_norm": grad_norm, f"{unit}_per_s": throughput}  # fmt: skip
                     if mfu is not None:
                         record["mfu"] = mfu
                     log.write(record)
-                if self.scheduler is not None:
-                    self.scheduler.step()
+                for scheduler in self.schedulers:
+                    scheduler.step()
                 reached = cfg.target_loss is not None and loss <= cfg.target_loss
                 last = self.step == self.total_steps or reached
                 if self.val_loader is not None and (
@@ -217,60 +232,92 @@ class Trainer:
                 if last or (cfg.save_every and self.step % cfg.save_every == 0):
                     result.checkpoint = self.save()
                 if reached:
-                    progress.write(
-                        f"step {self.step}: loss {loss:.4f} reached train.target_loss {cfg.target_loss}"
-                    )
+                    if log:
+                        progress.write(
+                            f"step {self.step}: loss {loss:.4f} reached train.target_loss {cfg.target_loss}"
+                        )
                     break
+            if self.cfg.async_save:  # collective: publish the last background save
+                result.checkpoint = wait_for_checkpoint() or result.checkpoint
         finally:
             progress.close()
-            log.close()
+            if log:
+                log.close()
         result.step, result.val = self.step, val
         result.loss = result.losses[-1] if result.losses else math.nan
         return result
 
     def _train_step(self) -> tuple[float, float, int]:
-        """One optimizer update; returns (loss, grad norm, items processed)."""
-        self.model.train()
+        """One optimizer update; returns (global mean loss, grad norm, items processed globally)."""
+        for part in self.parts:
+            part.train()
         batches = [
             self.objective.prepare(*self._to_device(self.train_loader.next_batch()))
             for _ in range(self.grad_accum)
         ]
-        total_terms = sum(b.count for b in batches)
-        step_loss = torch.zeros((), device=self.device)
-        for batch in batches:
-            with autocast_context(self.device, self.cfg.precision):
-                loss, _ = self.objective.loss(self.model, batch)
-            weighted = loss * (batch.count / total_terms)
-            weighted.backward()
-            step_loss += weighted.detach()
-        grad_norm = clip_gradients(self.model.parameters(), self.clip_norm, self.clip_value)
-        loss_value, norm_value = step_loss.item(), float(grad_norm)
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        items = sum(self.objective.items(b) for b in batches)
-        return loss_value, norm_value, items
+        local_terms = sum(b.count for b in batches)
+        local_items = sum(self.objective.items(b) for b in batches)
+        total_terms, total_items = bdist.global_sum(
+            [local_terms, local_items], self.contributes, self.device
+        )
+        if self.pipelined:
+            local_loss = self._pipeline_step(batches[0])
+        else:
+            local_loss = torch.zeros((), device=self.device)
+            for batch in batches:
+                with autocast_context(self.device, self.cfg.precision):
+                    loss, _ = self.objective.loss(self.model, batch)
+                # weight = this batch's share of the global terms, times dp for the dp-average
+                (loss * (batch.count * self.dp_size / total_terms)).backward()
+                local_loss += loss.detach() * batch.count
+        (loss_sum,) = bdist.global_sum([float(local_loss)], self.contributes, self.device)
+        step_loss = loss_sum / total_terms
+        grad_norm = self._clip()
+        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+            for opt in self.optimizers:
+                opt.step()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, int(total_items)
+
+    def _pipeline_step(self, batch: Batch) -> torch.Tensor:
+        """Run the pipeline schedule over the micro-batches of ``batch``; returns the mean
+        micro-batch loss times the batch's terms. The schedule averages the micro-batch
+        gradients; data parallelism then averages over replicas."""
+        with autocast_context(self.device, self.cfg.precision):
+            loss = self.parallel.pipeline_step(batch.inputs, batch.targets)
+        return loss * batch.count
+
+    def _clip(self) -> float:
+        if self.parallel is not None:
+            norm = clip_grad_norm_parallel(
+                self.parts, self.clip_norm, self.clip_value, self.parallel.pp_group
+            )
+        else:
+            norm = clip_gradients(self.model.parameters(), self.clip_norm, self.clip_value)
+        return float(norm)
 
     def _to_device(
         self, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
-    def _evaluate_and_report(self, log: MetricsLog, progress: Progress) -> dict[str, float]:
+    def _evaluate_and_report(self, log: MetricsLog | None, progress: Progress) -> dict[str, float]:
         val = self.evaluate()
-        log.write({"step": self.step, **val})
-        progress.write(f"step {self.step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        if self.parallel is not None:
+            self.parallel.reshard()  # free what an evaluation forward gathered (ZeRO-2 mode)
+        if log:
+            log.write({"step": self.step, **val})
+        if log:  # rank 0 alone reports
+            progress.write(
+                f"step {self.step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items())
+            )
         return val
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         generator = torch.Generator(device=self.device).manual_seed(self._eval_generator_seed)
         return evaluate(
-            self.model,
-            self.val_loader,
-            self.objective,
-            self.device,
-            self.cfg.precision,
-            self.cfg.eval_batches,
-            generator,
-        )
+            self.model, self.val_loader, self.objective, self.device, self.cfg.precision, self.cfg.eval_batches,
+            generator, parallel=self.parallel,
+        )  # fmt: skip

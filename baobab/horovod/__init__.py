@@ -1,0 +1,135 @@
+"""A Horovod-compatible API on torch.distributed: ``import baobab.horovod as hvd``.
+
+A ``horovod.torch`` training script runs unchanged apart from its import line when launched
+with ``torchrun --nproc-per-node N script.py`` (or alone with ``python script.py``, as one
+process of size 1). Transport is torch.distributed: gloo for CPU tensors, nccl for CUDA
+tensors when CUDA is present. Not provided: Adasum, process sets, elastic training,
+Horovod's ``join`` semantics for uneven data, and autograd through allgather/broadcast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baobab.horovod.compression import Compression, Compressor, FP16Compressor, NoneCompressor
+from baobab.horovod.functions import (
+    allgather_object,
+    broadcast_object,
+    broadcast_optimizer_state,
+    broadcast_parameters,
+)
+from baobab.horovod.ops import (
+    ADASUM_UNSUPPORTED,
+    Adasum,
+    Average,
+    Max,
+    Min,
+    Product,
+    ReduceOp,
+    Sum,
+    allgather,
+    allgather_async,
+    allreduce,
+    allreduce_,
+    allreduce_async,
+    allreduce_async_,
+    alltoall,
+    barrier,
+    broadcast,
+    broadcast_,
+    broadcast_async,
+    broadcast_async_,
+    grouped_allreduce,
+    grouped_allreduce_,
+    join,
+    poll,
+    reducescatter,
+    synchronize,
+)
+from baobab.horovod.optimizer import DistributedOptimizer
+from baobab.horovod.runtime import (
+    ccl_built,
+    cross_rank,
+    cross_size,
+    cuda_built,
+    ddl_built,
+    default_backend,
+    gloo_built,
+    gloo_enabled,
+    init,
+    is_homogeneous,
+    is_initialized,
+    local_rank,
+    local_size,
+    mpi_built,
+    mpi_enabled,
+    mpi_threads_supported,
+    nccl_built,
+    rank,
+    rocm_built,
+    shutdown,
+    size,
+)
+
+# torch's SyncBatchNorm: same leading arguments as Horovod's; it syncs CUDA inputs only.
+SyncBatchNorm = torch.nn.SyncBatchNorm
+
+__all__ = [
+    "ADASUM_UNSUPPORTED",
+    "Adasum",
+    "Average",
+    "Compression",
+    "Compressor",
+    "DistributedOptimizer",
+    "FP16Compressor",
+    "Max",
+    "Min",
+    "NoneCompressor",
+    "Product",
+    "ReduceOp",
+    "Sum",
+    "SyncBatchNorm",
+    "allgather",
+    "allgather_async",
+    "allgather_object",
+    "allreduce",
+    "allreduce_",
+    "allreduce_async",
+    "allreduce_async_",
+    "alltoall",
+    "barrier",
+    "broadcast",
+    "broadcast_",
+    "broadcast_async",
+    "broadcast_async_",
+    "broadcast_object",
+    "broadcast_optimizer_state",
+    "broadcast_parameters",
+    "ccl_built",
+    "cross_rank",
+    "cross_size",
+    "cuda_built",
+    "ddl_built",
+    "default_backend",
+    "gloo_built",
+    "gloo_enabled",
+    "grouped_allreduce",
+    "grouped_allreduce_",
+    "init",
+    "is_homogeneous",
+    "is_initialized",
+    "join",
+    "local_rank",
+    "local_size",
+    "mpi_built",
+    "mpi_enabled",
+    "mpi_threads_supported",
+    "nccl_built",
+    "poll",
+    "rank",
+    "reducescatter",
+    "rocm_built",
+    "shutdown",
+    "size",
+    "synchronize",
+]

@@ -1,0 +1,81 @@
+"""Multi-process launch through torchrun (torch.distributed.run); never a home-made launcher.
+
+``baobab train --nproc-per-node 4 --recipe quickstart`` becomes
+``torchrun --standalone --nproc-per-node 4 -m baobab train --recipe quickstart``; the
+multi-node flags (``--nnodes``, ``--node-rank``, ``--rdzv-endpoint``, ``--rdzv-id``,
+``--rdzv-backend``, ``--max-restarts``, ``--master-addr``, ``--master-port``) pass through
+unchanged, so everything torchrun documents applies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+# torchrun flag -> takes a value
+LAUNCH_FLAGS = {
+    "--nproc-per-node": True,
+    "--nnodes": True,
+    "--node-rank": True,
+    "--rdzv-endpoint": True,
+    "--rdzv-id": True,
+    "--rdzv-backend": True,
+    "--max-restarts": True,
+    "--master-addr": True,
+    "--master-port": True,
+    "--standalone": False,
+}
+
+
+def in_worker() -> bool:
+    """True inside a process that torchrun started."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate torchrun's flags (``--nproc-per-node 2`` or ``--nproc_per_node=2``) from the rest."""
+    launch, rest = [], []
+    args = list(argv)
+    i = 0
+    while i < len(args):
+        flag, _, inline = args[i].partition("=")
+        flag = flag.replace("_", "-") if flag.startswith("--") else flag
+        if flag in LAUNCH_FLAGS:
+            launch.append(flag)
+            if LAUNCH_FLAGS[flag]:
+                if inline:
+                    launch.append(inline)
+                elif i + 1 < len(args):
+                    launch.append(args[i + 1])
+                    i += 1
+                else:
+                    raise ValueError(f"{flag} needs a value")
+        else:
+            rest.append(args[i])
+        i += 1
+    return launch, rest
+
+
+def torchrun_args(launch: list[str], command: list[str]) -> list[str]:
+    """The torchrun argument list that runs ``baobab <command>`` in every worker."""
+    multi_node = any(flag in launch for flag in ("--nnodes", "--rdzv-endpoint", "--master-addr"))
+    standalone = [] if multi_node or "--standalone" in launch else ["--standalone"]
+    return [*standalone, *launch, "-m", "baobab", *command]
+
+
+def launch(launch: list[str], command: list[str]) -> int:
+    """Run ``baobab <command>`` under torchrun; returns the job's exit code. A failed worker is
+    named by its rank (torchrun's summary above gives its traceback or message)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    try:
+        run(get_args_parser().parse_args(torchrun_args(launch, command)))
+    except ChildFailedError as err:
+        failed = ", ".join(
+            f"rank {f.rank} (exit code {f.exitcode})"
+            for f in sorted(err.failures.values(), key=lambda f: f.rank)
+        )
+        print(f"error: the distributed job failed: {failed}", flush=True)
+        return 1
+    return 0

@@ -1,0 +1,27 @@
+"""Parallelism applied from outside a finished model: device mesh, plans, ``parallelize``.
+
+``parallelize(model, mesh, cfg)`` runs pipeline split -> tensor parallel -> (activation
+checkpointing, compile) -> FSDP2/DDP, in that order, with torch's own engines (DeviceMesh,
+DTensor, FSDP2, DDP, torch.distributed.pipelining).
+"""
+
+from baobab.parallel.clip import clip_grad_norm_parallel
+from baobab.parallel.config import ParallelConfig
+from baobab.parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size, pp_group
+from baobab.parallel.parallelize import ParallelModel, parallelize
+from baobab.parallel.pipeline import build_schedule, split_for_pipeline
+from baobab.parallel.tp_plans import TP_PLANS
+
+__all__ = [
+    "TP_PLANS",
+    "ParallelConfig",
+    "ParallelModel",
+    "build_mesh",
+    "build_schedule",
+    "clip_grad_norm_parallel",
+    "dp_mesh",
+    "dp_rank_and_size",
+    "parallelize",
+    "pp_group",
+    "split_for_pipeline",
+]

@@ -1,0 +1,123 @@
+"""Every parallel layout trains like one process at the same global batch (CPU, gloo).
+
+Each layout runs ``baobab train`` under torchrun for 20 steps of a tiny GPT; its per-step
+losses must equal the single-process run's within 1e-5 (relative) and its final
+parameters within 1e-5. Checkpoints saved under one layout resume under another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from baobab.checkpoint import load_trained_model
+from baobab.cli import main
+
+GLOBAL_BATCH, STEPS = 8, 20
+
+
+def base_args(
+    corpus: Path, run_dir: Path, batch: int = GLOBAL_BATCH, steps: int = STEPS
+) -> list[str]:
+    return [
+        "--model.name", "gpt-nano", "--model.overrides.tie_embeddings", "false", "--model.overrides.n_layer", "4",
+        "--data.path", str(corpus), "--data.seq_len", "32", "--data.batch_size", str(batch),
+        "--optim.name", "adamw", "--optim.lr", "0.003", "--optim.weight_decay", "0.1", "--optim.grad_clip_norm", "1.0",
+        "--schedule.name", "cosine", "--schedule.warmup_steps", "2", "--train.max_steps", str(steps),
+        "--train.log_every", "1", "--train.progress", "false", "--train.run_dir", str(run_dir),
+    ]  # fmt: skip
+
+
+def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "baobab",
+        "train",
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def losses(run_dir: Path) -> list[float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_same_run(run_dir: Path, reference: Path, first_step: int = 1) -> None:
+    got, want = losses(run_dir), losses(reference)[first_step - 1 :]
+    assert len(got) == len(want)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    model, _ = load_trained_model(run_dir)
+    ref_model, _ = load_trained_model(reference)
+    for (name, p), q in zip(model.state_dict().items(), ref_model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    assert main(["train", *base_args(tiny_corpus, run_dir)]) == 0
+    return run_dir
+
+
+LAYOUTS = {
+    "DDP-2": (2, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "1"], 2),
+    "FSDP-2": (2, ["--parallel.dp_shard", "2"], 2),
+    "FSDP-2-zero2": (2, ["--parallel.dp_shard", "2", "--parallel.fsdp_reshard_after_forward", "false"], 2),
+    "HSDP-2x2": (4, ["--parallel.dp_replicate", "2", "--parallel.dp_shard", "2"], 4),
+    "TP-2": (2, ["--parallel.tp", "2", "--parallel.dp_shard", "1"], 1),
+    "PP-2-gpipe": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--parallel.pp_schedule", "gpipe", "--parallel.pp_microbatches", "2"], 1),
+    "PP-2-1f1b": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--parallel.pp_schedule", "1f1b", "--parallel.pp_microbatches", "2"], 1),
+    "PP-2-interleaved": (2, ["--parallel.pp", "2", "--parallel.dp_shard", "1", "--parallel.pp_schedule", "interleaved_1f1b", "--parallel.pp_microbatches", "2"], 1),
+    "FSDP-2xTP-2": (4, ["--parallel.dp_shard", "2", "--parallel.tp", "2"], 2),
+    "PP-2xFSDP-2": (4, ["--parallel.pp", "2", "--parallel.dp_shard", "2", "--parallel.pp_microbatches", "2"], 2),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_matches_single_process(layout, reference, tiny_corpus, tmp_path):
+    nproc, flags, dp = LAYOUTS[layout]
+    run_dir = tmp_path / layout
+    torchrun(nproc, [*base_args(tiny_corpus, run_dir, batch=GLOBAL_BATCH // dp), *flags])
+    assert_same_run(run_dir, reference)
+
+
+def test_resharding_resume(reference, tiny_corpus, tmp_path):
+    """10 steps under FSDP-4, then the next 10 under TP-2 and under one process."""
+    fsdp = tmp_path / "fsdp4"
+    args = [
+        *base_args(tiny_corpus, fsdp, batch=GLOBAL_BATCH // 4),
+        "--parallel.dp_shard",
+        "4",
+        "--train.save_every",
+        "10",
+    ]
+    torchrun(4, [*args, "--train.keep_last", "2"])
+    assert_same_run(fsdp, reference)
+    for name in ("tp2", "single"):
+        run_dir = tmp_path / name
+        (run_dir / "checkpoints").mkdir(parents=True)
+        shutil.copytree(
+            fsdp / "checkpoints" / "step_00000010", run_dir / "checkpoints" / "step_00000010"
+        )
+        args = [*base_args(tiny_corpus, run_dir), "--train.resume", "true"]
+        if name == "tp2":
+            torchrun(2, [*args, "--parallel.tp", "2", "--parallel.dp_shard", "1"])
+        else:
+            assert main(["train", *args]) == 0
+        assert_same_run(run_dir, reference, first_step=11)
