@@ -55,7 +55,9 @@ def worker(args: argparse.Namespace) -> None:
         part.to(trainer.device)
     for _ in range(args.warmup):
         trainer._train_step()
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if trainer.device.type == "cuda" else []
+    )
     bdist.barrier()
     with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
@@ -67,7 +69,9 @@ def worker(args: argparse.Namespace) -> None:
     comm_us, calls, nbytes = 0.0, defaultdict(int), defaultdict(int)
     for event in prof.events():
         if event.name.startswith(COLLECTIVE_PREFIXES):
-            comm_us += event.cpu_time_total if trainer.device.type == "cpu" else event.device_time_total
+            comm_us += (
+                event.cpu_time_total if trainer.device.type == "cpu" else event.device_time_total
+            )
             calls[event.name] += 1
             shape = event.input_shapes[0] if event.input_shapes and event.input_shapes[0] else []
             dtype = event.input_dtypes[0] if getattr(event, "input_dtypes", None) else "float"
@@ -110,7 +114,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt-nano")
     parser.add_argument("--nproc", type=int, default=2)
-    parser.add_argument("--layouts", nargs="+", default=["dp_replicate=2,dp_shard=1", "dp_shard=2", "tp=2,dp_shard=1", "pp=2,dp_shard=1"])
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["dp_replicate=2,dp_shard=1", "dp_shard=2", "tp=2,dp_shard=1", "pp=2,dp_shard=1"],
+    )
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=5)
@@ -133,29 +141,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus"
         files = [str(p) for p in bdata.stdlib_files()[:60]]
-        bdata.prepare(bdata.PrepareConfig(inputs=files, out=str(corpus), tokenizer="bytes", val_fraction=0.1, progress=False))
+        bdata.prepare(
+            bdata.PrepareConfig(
+                inputs=files, out=str(corpus), tokenizer="bytes", val_fraction=0.1, progress=False
+            )
+        )
         for layout in args.layouts:
             flags = dict(item.split("=") for item in layout.split(","))
-            dp = int(flags.get("dp_replicate", 1)) * int(flags.get("dp_shard", args.nproc // _product(flags)))
+            dp = int(flags.get("dp_replicate", 1)) * int(
+                flags.get("dp_shard", args.nproc // _product(flags))
+            )
             out = Path(tmp) / "result.json"
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    __file__, "--worker", "--layout", layout, "--model", args.model, "--data", str(corpus),
                    "--seq-len", str(args.seq_len), "--local-batch", str(args.global_batch // dp),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--run-dir", str(Path(tmp) / "run"),
                    "--out", str(out)]  # fmt: skip
-            done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+            )
             if done.returncode != 0:
                 print(f"{layout}: failed\n{done.stderr[-2000:]}")
                 continue
             results.append(json.loads(out.read_text()))
-    print(f"\n{args.model}, global batch {args.global_batch} x {args.seq_len} tokens, {args.nproc} processes")
-    print(f"{'layout':<22} {'step ms':>9} {'compute ms':>11} {'comm ms':>9}  bytes/step by collective (rank 0)")
+    print(
+        f"\n{args.model}, global batch {args.global_batch} x {args.seq_len} tokens, {args.nproc} processes"
+    )
+    print(
+        f"{'layout':<22} {'step ms':>9} {'compute ms':>11} {'comm ms':>9}  bytes/step by collective (rank 0)"
+    )
     for r in results:
-        moved = ", ".join(f"{k.split(':')[1]} {v / 1e6:.2f} MB" for k, v in sorted(r["bytes_per_step"].items()))
-        print(f"{r['strategy']:<22} {1e3 * r['step_s']:>9.1f} {1e3 * r['compute_s']:>11.1f} {1e3 * r['comm_s']:>9.1f}  {moved}")
+        moved = ", ".join(
+            f"{k.split(':')[1]} {v / 1e6:.2f} MB" for k, v in sorted(r["bytes_per_step"].items())
+        )
+        print(
+            f"{r['strategy']:<22} {1e3 * r['step_s']:>9.1f} {1e3 * r['compute_s']:>11.1f} {1e3 * r['comm_s']:>9.1f}  {moved}"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": args.model, "nproc": args.nproc, "results": results}, indent=2))
+    out.write_text(
+        json.dumps({"model": args.model, "nproc": args.nproc, "results": results}, indent=2)
+    )
     _plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
