@@ -17,7 +17,7 @@ os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
 
-from baobab import commands, launch  # noqa: E402
+from baobab import commands, launch, models  # noqa: E402
 from baobab.data import PrepareConfig  # noqa: E402
 from baobab.recipes import recipe_path  # noqa: E402
 from baobab.train.config import RunConfig  # noqa: E402
@@ -112,7 +112,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv[:1] == ["train"] and not launch.in_worker():
             launch_args, argv = launch.split_launch_args(argv)
             if launch_args:
-                parser.parse_args(argv)  # refuse bad flags before starting any worker
+                # Refuse bad flags, values and layouts before starting any worker.
+                cfg = _to_run_config(run_config_parser(), parser.parse_args(argv)["train"])
+                world = launch.world_size(launch_args)
+                if world is not None:
+                    model_cfg = models.get_config(cfg.model.name, **cfg.model.overrides)
+                    cfg.parallel.validate(world, model_cfg)
                 return launch.launch(launch_args, argv)
         ns = parser.parse_args(argv)
         name = ns.subcommand

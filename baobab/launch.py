@@ -56,6 +56,17 @@ def split_launch_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return launch, rest
 
 
+def world_size(launch: list[str]) -> int | None:
+    """The job's world size when the flags fix it (``--nproc-per-node N`` [``--nnodes M``])."""
+    values = dict(zip(launch, launch[1:]))
+    try:
+        nproc = int(values.get("--nproc-per-node", "1"))
+        nnodes = int(values.get("--nnodes", "1"))  # "1:4" elastic ranges are left to torchrun
+    except ValueError:
+        return None
+    return nproc * nnodes
+
+
 def torchrun_args(launch: list[str], command: list[str]) -> list[str]:
     """The torchrun argument list that runs ``baobab <command>`` in every worker."""
     multi_node = any(flag in launch for flag in ("--nnodes", "--rdzv-endpoint", "--master-addr"))
@@ -72,9 +83,9 @@ def launch(launch: list[str], command: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(torchrun_args(launch, command)))
     except ChildFailedError as err:
+        # err.failures maps each failed worker's global rank to its ProcessFailure.
         failed = ", ".join(
-            f"rank {f.rank} (exit code {f.exitcode})"
-            for f in sorted(err.failures.values(), key=lambda f: f.rank)
+            f"rank {rank} (exit code {f.exitcode})" for rank, f in sorted(err.failures.items())
         )
         print(f"error: the distributed job failed: {failed}", flush=True)
         return 1

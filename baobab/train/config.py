@@ -61,7 +61,7 @@ class DataConfig:
     kind: str = "tokens"
     path: str | None = "data/stdlib-4096"
     targets_path: str | None = None
-    source: str | None = "stdlib"
+    source: str | None = None
     vocab_size: int = 4096
     seq_len: int = 256
     batch_size: int = 16
