@@ -4,9 +4,13 @@
 ``model.safetensors``, optionally cast to another dtype; :func:`load_exported` rebuilds the
 model from it with no pickle and no torch.distributed. This is the artefact to hand to
 others: unlike a training checkpoint, it is safe to load from an untrusted source.
+:func:`export_hf` writes a ``gpt`` model as a Hugging Face Llama directory and
+:func:`import_hf` reads local Llama, GPT-2 and BERT directories (safetensors) into baobab.
 """
 
 from baobab.export.artifact import load_exported, read_config
 from baobab.export.consolidate import export_checkpoint
+from baobab.export.hf_export import export_hf
+from baobab.export.hf_import import import_hf
 
-__all__ = ["export_checkpoint", "load_exported", "read_config"]
+__all__ = ["export_checkpoint", "export_hf", "import_hf", "load_exported", "read_config"]

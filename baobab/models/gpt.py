@@ -1,8 +1,12 @@
-"""Llama-style decoder-only transformer.
+"""Llama-style decoder-only transformer, with the GPT-2 variant as construction-time swaps.
 
 Pre-norm RMSNorm blocks, rotary position embeddings (HF rotate_half convention), SwiGLU
 feed-forward, grouped-query attention through ``scaled_dot_product_attention``. Parameter
 names follow torchtitan's Llama so plans and converters can address them by path.
+
+The config fields ``norm``, ``mlp``, ``position`` and ``bias`` choose modules in
+``__init__`` (LayerNorm, a 2-layer tanh-GELU MLP, learned absolute positions, biased
+projections: GPT-2); their defaults build the Llama model unchanged.
 
 Shape legend:
     B batch, T sequence length, C d_model, V vocab_size,
@@ -18,11 +22,16 @@ from torch import nn
 
 from baobab.models.common import (
     apply_rotary,
+    check_choice,
     check_fraction,
     check_positive,
     materialize,
     rope_cos_sin,
 )
+
+NORMS = ("rmsnorm", "layernorm")
+MLPS = ("swiglu", "gelu")
+POSITIONS = ("rope", "learned")
 
 
 @dataclass(frozen=True)
@@ -40,7 +49,7 @@ class GPTConfig:
     d_model: int = 192
     """Residual stream width; must be divisible by n_head with an even head_dim."""
     ffn_hidden: int = 512
-    """Hidden width of the SwiGLU feed-forward."""
+    """Hidden width of the feed-forward (SwiGLU or GELU)."""
     max_seq_len: int = 256
     """Longest sequence the model accepts; RoPE tables are built for this length."""
     rope_theta: float = 10000.0
@@ -51,6 +60,16 @@ class GPTConfig:
     """Share the token embedding matrix with the output head."""
     dropout: float = 0.0
     """Dropout on embeddings, attention probabilities and residual branches."""
+    norm: str = "rmsnorm"
+    """Normalisation of every block and the final norm: "rmsnorm" (Llama) or "layernorm"
+    (with bias, GPT-2)."""
+    mlp: str = "swiglu"
+    """Feed-forward: "swiglu" (w1 gate, w3 up, w2 down) or "gelu" (w2(gelu_tanh(w1 x)), GPT-2)."""
+    position: str = "rope"
+    """Positions: "rope" (rotary, no parameters) or "learned" (absolute embedding table,
+    ``pos_embeddings``, GPT-2)."""
+    bias: bool = False
+    """Biases on the attention and feed-forward projections (GPT-2); the head has none."""
 
     def __post_init__(self) -> None:
         check_positive(
@@ -66,6 +85,11 @@ class GPTConfig:
             norm_eps=self.norm_eps,
         )
         check_fraction("GPTConfig", dropout=self.dropout)
+        check_choice("GPTConfig", "norm", self.norm, NORMS)
+        check_choice("GPTConfig", "mlp", self.mlp, MLPS)
+        check_choice("GPTConfig", "position", self.position, POSITIONS)
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"GPTConfig.bias must be true or false; got {self.bias!r}.")
         if self.d_model % self.n_head:
             raise ValueError(
                 f"GPTConfig.d_model must be divisible by n_head; "
@@ -76,7 +100,7 @@ class GPTConfig:
                 f"GPTConfig.n_kv_head must divide n_head; "
                 f"got n_head={self.n_head}, n_kv_head={self.n_kv_head}."
             )
-        if self.head_dim % 2:
+        if self.position == "rope" and self.head_dim % 2:
             raise ValueError(
                 f"GPTConfig.d_model // n_head (head_dim) must be even for RoPE; got {self.head_dim}."
             )
@@ -87,23 +111,52 @@ class GPTConfig:
         return self.d_model // self.n_head
 
 
+def _no_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return q, k  # learned absolute positions were added to the embeddings
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.norm == "layernorm":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def _init_linear(lin: nn.Linear, std: float) -> None:
+    nn.init.normal_(lin.weight, mean=0.0, std=std)
+    if lin.bias is not None:
+        nn.init.zeros_(lin.bias)
+
+
+def _position_tables(
+    cfg: GPTConfig, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE ``cos, sin`` (max_seq_len, D); empty (max_seq_len, 0) tables for learned positions."""
+    if cfg.position == "rope":
+        return rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device)
+    empty = torch.empty(cfg.max_seq_len, 0, device=device)
+    return empty, empty.clone()
+
+
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with RoPE; no biases."""
+    """Causal grouped-query self-attention with RoPE (or none); biases only with cfg.bias."""
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.rotary = apply_rotary if cfg.position == "rope" else _no_rotary
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def init_weights(self, std: float, out_std: float) -> None:
         for lin in (self.wq, self.wk, self.wv):
-            nn.init.normal_(lin.weight, mean=0.0, std=std)
-        nn.init.normal_(self.wo.weight, mean=0.0, std=out_std)
+            _init_linear(lin, std)
+        _init_linear(self.wo, out_std)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
@@ -111,7 +164,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k = self.rotary(q, k, cos, sin)
         # enable_gqa maps query head h to kv head h // (H // Hkv), as HF repeat_kv does.
         y = F.scaled_dot_product_attention(
             q,
@@ -130,18 +183,35 @@ class FeedForward(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
-        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=False)
-        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=False)
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
     def init_weights(self, std: float, out_std: float) -> None:
-        nn.init.normal_(self.w1.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w3.weight, mean=0.0, std=std)
-        nn.init.normal_(self.w2.weight, mean=0.0, std=out_std)
+        _init_linear(self.w1, std)
+        _init_linear(self.w3, std)
+        _init_linear(self.w2, out_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.resid_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # (B, T, C)
+
+
+class GeluFeedForward(nn.Module):
+    """GPT-2 MLP: w2(gelu_tanh(w1 x)); w1 is the up and w2 the down projection."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        _init_linear(self.w1, std)
+        _init_linear(self.w2, out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.resid_dropout(self.w2(F.gelu(self.w1(x), approximate="tanh")))  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -149,10 +219,10 @@ class Block(nn.Module):
 
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.attention_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attention_norm = _norm(cfg)
         self.attention = Attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.ffn_norm = _norm(cfg)
+        self.feed_forward = FeedForward(cfg) if cfg.mlp == "swiglu" else GeluFeedForward(cfg)
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.attention_norm.reset_parameters()
@@ -177,12 +247,16 @@ class GPT(nn.Module):
         self.cfg = cfg
         with torch.device("meta"):
             self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            # Learned absolute positions (GPT-2): added with the token embedding, first stage.
+            self.pos_embeddings = (
+                nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
+            )
             self.dropout = nn.Dropout(cfg.dropout)
             self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
-            self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+            self.norm = _norm(cfg)
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             # Non-persistent: recomputed by init_weights, never stored in checkpoints.
-            cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            cos, sin = _position_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
             self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, D)
         materialize(self)
@@ -191,12 +265,14 @@ class GPT(nn.Module):
     def init_weights(self) -> None:
         """(Re)initialise every parameter and the RoPE tables from the global RNG."""
         cfg = self.cfg
-        cos, sin = rope_cos_sin(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, self.rope_cos.device)
+        cos, sin = _position_tables(cfg, self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2 residual scaling
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        if self.pos_embeddings is not None:
+            nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=std)
         for layer in self.layers.values():
             layer.init_weights(std, out_std)
         if self.norm is not None:
@@ -216,6 +292,8 @@ class GPT(nn.Module):
                 "use at most max_seq_len tokens."
             )
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, C)
+        if self.pos_embeddings is not None and self.tok_embeddings is not None:
+            h = h + self.pos_embeddings.weight[:seq_len]  # (T, C) broadcast over B
         h = self.dropout(h)
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, D)
         for layer in self.layers.values():

@@ -47,6 +47,11 @@ register_size("gpt-mini", "gpt", vocab_size=4096, n_layer=4, n_head=6, n_kv_head
 # GPT-2 small's shape with Llama blocks; SwiGLU width 2048 keeps ~124M parameters.
 register_size("gpt2-124m", "gpt", vocab_size=50257, n_layer=12, n_head=12, n_kv_head=12,
               d_model=768, ffn_hidden=2048, max_seq_len=1024, **_gpt)  # fmt: skip
+# The real GPT-2 small architecture (124M): LayerNorm, learned positions, GELU MLP, biases;
+# weights load from Hugging Face GPT2LMHeadModel through baobab.export.hf_import.
+register_size("gpt2", "gpt", vocab_size=50257, n_layer=12, n_head=12, n_kv_head=12, d_model=768,
+              ffn_hidden=3072, max_seq_len=1024, norm="layernorm", mlp="gelu",
+              position="learned", bias=True, tie_embeddings=True)  # fmt: skip
 # Llama 3.2 1B / Llama 3 8B shapes (no llama3 RoPE frequency scaling).
 _llama = dict(vocab_size=128256, rope_theta=500000.0, max_seq_len=8192, norm_eps=1e-5)
 register_size("llama-1b", "gpt", n_layer=16, n_head=32, n_kv_head=8, d_model=2048,

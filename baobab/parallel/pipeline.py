@@ -71,6 +71,8 @@ def split_for_pipeline(
                 del part.layers[key]
         if stage > 0:
             part.tok_embeddings = None
+            if getattr(part, "pos_embeddings", None) is not None:  # learned positions (GPT-2)
+                part.pos_embeddings = None
         if stage < n_stages - 1:
             part.norm = None
             part.output = None

@@ -121,3 +121,19 @@ def test_resharding_resume(reference, tiny_corpus, tmp_path):
         else:
             assert main(["train", *args]) == 0
         assert_same_run(run_dir, reference, first_step=11)
+
+
+def test_bert_tensor_parallel_matches_single_process(tiny_corpus, tmp_path):
+    args = [
+        "--model.name", "bert-tiny", "--model.overrides.max_seq_len", "64", "--model.overrides.d_model", "64",
+        "--model.overrides.ffn_hidden", "128", "--data.path", str(tiny_corpus), "--data.seq_len", "32",
+        "--data.batch_size", "8", "--optim.lr", "0.001", "--optim.grad_clip_norm", "1.0",
+        "--schedule.warmup_steps", "2", "--train.max_steps", str(STEPS), "--train.log_every", "1",
+        "--train.progress", "false",
+    ]  # fmt: skip
+    single, tp = tmp_path / "single", tmp_path / "tp2"
+    assert main(["train", *args, "--train.run_dir", str(single)]) == 0
+    torchrun(
+        2, [*args, "--train.run_dir", str(tp), "--parallel.tp", "2", "--parallel.dp_shard", "1"]
+    )
+    assert_same_run(tp, single)
