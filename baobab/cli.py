@@ -75,6 +75,7 @@ def prepare_parser() -> ArgumentParser:
 COMMANDS: dict[str, Callable[..., Any]] = {
     "eval": commands.evaluate,
     "export": commands.export,
+    "quantize": commands.quantize,
     "generate": commands.generate,
     "models": commands.list_models,
     "recipes": commands.list_recipes,

@@ -139,6 +139,33 @@ def export(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool 
     return path
 
 
+def quantize(
+    export_dir: str,
+    out: str,
+    bits: int = 8,
+    group_size: int = 64,
+    symmetric: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write a weight-only int8/int4 copy of an export directory (load it with load_quantized).
+
+    Args:
+        export_dir: a directory written by ``baobab export``.
+        out: the directory to write.
+        bits: 8 (per-channel int8) or 4 (group-wise int4, two values per byte).
+        group_size: int4 group along the input dim: 32, 64 or 128.
+        symmetric: int4 without zero points.
+        overwrite: replace an existing directory at ``out``.
+    """
+    from baobab.export import quantize_export
+
+    path = quantize_export(
+        export_dir, out, bits, group_size, symmetric=symmetric, overwrite=overwrite
+    )
+    print(f"wrote {path}")
+    return path
+
+
 def list_models(seq_len: int = 2048) -> list[dict]:
     """List the registered model sizes with parameters and training FLOPs per token.
 

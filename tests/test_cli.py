@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from baobab import models
 from baobab.cli import main, parse_run_config
@@ -161,3 +162,25 @@ def test_module_entry_point():
         [sys.executable, "-m", "baobab", "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0 and "quickstart" in done.stdout
+
+
+def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
+    from baobab.export import load_exported, load_quantized
+
+    exported, quantized = tmp_path / "export", tmp_path / "int8"
+    assert main(["export", "--checkpoint", str(trained_run), "--out", str(exported)]) == 0
+    assert (
+        main(["quantize", "--export_dir", str(exported), "--out", str(quantized), "--bits", "8"])
+        == 0
+    )
+    model, _ = load_exported(exported)
+    qmodel, config = load_quantized(quantized)
+    assert config["quantization"]["bits"] == 8
+    x = torch.randint(0, 64, (1, 16))
+    with torch.no_grad():
+        assert float((model(x) - qmodel(x)).abs().max()) < 0.1
+    capsys.readouterr()
+    assert error_of(
+        capsys,
+        ["quantize", "--export_dir", str(exported), "--out", str(tmp_path / "q3"), "--bits", "3"],
+    )

@@ -1,0 +1,438 @@
+"""Weight-only int8/int4 quantization as a module swap, and quantized export directories.
+
+Like gpt-fast, every ``nn.Linear`` (but the skipped ones, e.g. a head tied to the token
+embedding) is replaced by a module that stores integer weights and dequantizes them in
+``forward``; the model's own ``forward`` never branches on quantization.
+
+* int8: per-output-channel symmetric. ``w ≈ q * scale[o]`` with q in [-127, 127] and
+  ``scale[o] = max_i |w[o, i]| / 127``, so every element is off by at most scale / 2.
+* int4: group-wise along the input dim (groups of ``group_size`` = 32, 64 or 128), two
+  values packed per uint8 (element 2k in the low nibble, 2k + 1 in the high one).
+  Asymmetric (default, gpt-fast's layout): ``w ≈ (q - 8) * scale + zero`` with q in
+  [0, 15], ``scale = (max - min) / 15`` and ``zero = min + 8 * scale`` per group.
+  Symmetric: ``w ≈ (q - 8) * scale`` with ``scale = max |w| / 7``. Either way every
+  element is off by at most scale / 2. Scales and zeros are fp32.
+
+A quantized export directory is an export directory (see ``artifact.py``) whose
+config.json also has ``"quantization": {"bits", "group_size", "skip", "symmetric"}``.
+:func:`load_quantized` rebuilds it on the meta device, swaps in empty quantized modules
+and assigns the stored tensors: nothing is quantized at load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
+
+BITS = (8, 4)
+GROUP_SIZES = (32, 64, 128)
+DEFAULT_SKIP = ("output", "lm_head")
+
+
+# ---------------------------------------------------------------------------- the math
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) float -> int8 (out, in) and fp32 scales (out,), per-channel symmetric."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # (out,)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(
+    weight: torch.Tensor, group_size: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(out, in) float -> packed uint8 (out, in // 2), fp32 scales and zeros (out, in // g)."""
+    out_features, in_features = weight.shape
+    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
+    tiny = torch.finfo(torch.float32).tiny
+    if symmetric:
+        scales = (w.abs().amax(dim=2) / 7).clamp(min=tiny)  # (out, G)
+        zeros = None
+        q = torch.round(w / scales[..., None]).clamp(-8, 7) + 8
+    else:
+        lo, hi = w.amin(dim=2), w.amax(dim=2)  # (out, G)
+        scales = ((hi - lo) / 15).clamp(min=tiny)
+        zeros = lo + 8 * scales
+        q = torch.round((w - lo[..., None]) / scales[..., None]).clamp(0, 15)
+    q = q.to(torch.uint8).reshape(out_features, in_features)  # values 0..15
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)  # (out, in // 2)
+    return packed, scales, zeros
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (out, in // 2) -> uint8 (out, in) with values 0..15."""
+    return torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(packed.shape[0], -1)
+
+
+# ------------------------------------------------------------------------- the modules
+class Int8WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with an int8 weight (out, in) and fp32 per-output-channel scales (out,)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer(
+            "weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.empty(out_features, device=device))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
+        w = linear.weight
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, w.device)
+        module.weight, module.scales = quantize_int8(w)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.weight.to(torch.float32) * self.scales[:, None]).to(dtype)  # (out, in)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
+
+
+class Int4WeightOnlyLinear(nn.Module):
+    """``nn.Linear`` with a group-wise 4-bit weight packed two per byte (out, in // 2)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int = 64,
+        symmetric: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_group_size(group_size, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric = group_size, symmetric
+        groups = in_features // group_size
+        packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        self.register_buffer("weight", packed)
+        self.register_buffer("scales", torch.empty(out_features, groups, device=device))
+        zeros = None if symmetric else torch.empty(out_features, groups, device=device)
+        self.register_buffer("zeros", zeros)
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        )
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, group_size: int = 64, symmetric: bool = False
+    ) -> Int4WeightOnlyLinear:
+        w = linear.weight
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group_size,
+            symmetric,
+            w.device,
+        )
+        module.weight, module.scales, module.zeros = quantize_int4(w, group_size, symmetric)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return module
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        q = unpack_int4(self.weight).to(torch.float32) - 8  # (out, in)
+        q = q.view(self.out_features, -1, self.group_size)  # (out, G, g)
+        w = q * self.scales[..., None]
+        if self.zeros is not None:
+            w = w + self.zeros[..., None]
+        return w.view(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits=4, "
+            f"group_size={self.group_size}, {kind}"
+        )
+
+
+QUANTIZED_LINEARS = (Int8WeightOnlyLinear, Int4WeightOnlyLinear)
+
+
+def check_group_size(group_size: int, in_features: int | None = None) -> None:
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of 32, 64, 128, got {group_size!r}")
+    if in_features is not None and in_features % group_size:
+        raise ValueError(
+            f"in_features {in_features} is not divisible by group_size {group_size}; "
+            "choose a group_size that divides it"
+        )
+
+
+def check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+
+
+# --------------------------------------------------------------------------- the swap
+def _targets(model: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear modules to swap: all but those whose path or last name is in ``skip``."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and name not in skip and name.rsplit(".", 1)[-1] not in skip
+    ]
+
+
+def _swap(
+    model: nn.Module, skip: tuple[str, ...], build: Callable[[str, nn.Linear], nn.Module]
+) -> nn.Module:
+    targets = _targets(model, skip)
+    new = [(name, build(name, linear)) for name, linear in targets]  # all built, then swapped
+    for name, module in new:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, module)
+    return model
+
+
+def quantize_model(
+    model: nn.Module,
+    bits: int,
+    group_size: int = 64,
+    skip: tuple[str, ...] = DEFAULT_SKIP,
+    symmetric: bool = False,
+) -> nn.Module:
+    """Swap every ``nn.Linear`` of ``model`` (in place) for its weight-only quantized twin.
+
+    Args:
+        bits: 8 (per-channel int8) or 4 (group-wise int4).
+        group_size: int4 group along the input dim: 32, 64 or 128 (ignored for int8).
+        skip: module paths or last names to leave in float (default: the output head,
+            which a GPT ties to its token embedding).
+        symmetric: int4 without zero points (int8 is always symmetric).
+    """
+    check_bits(bits)
+    skip = tuple(skip)
+    if bits == 4:
+        check_group_size(group_size)
+        for name, linear in _targets(model, skip):  # validate all before swapping any
+            if linear.in_features % group_size:
+                raise ValueError(
+                    f"layer '{name}' has in_features {linear.in_features}, which is not "
+                    f"divisible by group_size {group_size}; choose a group_size that divides it"
+                )
+    with torch.no_grad():
+        if bits == 8:
+            return _swap(model, skip, lambda _, lin: Int8WeightOnlyLinear.from_linear(lin))
+        return _swap(
+            model, skip, lambda _, lin: Int4WeightOnlyLinear.from_linear(lin, group_size, symmetric)
+        )
+
+
+def quantization_config(model: nn.Module) -> dict[str, Any] | None:
+    """What was quantized: {"bits", "group_size", "skip", "symmetric"} read from the modules."""
+    found = [m for m in model.modules() if isinstance(m, QUANTIZED_LINEARS)]
+    if not found:
+        return None
+    first = found[0]
+    bits = 8 if isinstance(first, Int8WeightOnlyLinear) else 4
+    return {
+        "bits": bits,
+        "group_size": first.group_size if bits == 4 else None,
+        "symmetric": first.symmetric if bits == 4 else True,
+    }
+
+
+# ----------------------------------------------------------------------- save and load
+def save_quantized(
+    model: nn.Module,
+    out_dir: str | Path,
+    config: dict[str, Any],
+    tokenizer_file: str | Path | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a quantized model as model.safetensors + config.json (+ tokenizer.json), atomically.
+
+    ``config`` is the export config (see ``artifact.py``) with a ``"quantization"`` entry
+    ``{"bits", "group_size", "skip", "symmetric"}`` (as :func:`quantize_export` writes it).
+    """
+    from baobab.export.consolidate import _replace
+
+    if "quantization" not in config:
+        raise ValueError("config has no 'quantization' entry; pass the dict quantize_export builds")
+    out = Path(out_dir)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"'{out}' already exists and is not empty; pass overwrite=True to replace it"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        # save_model stores tied tensors once and makes every tensor contiguous.
+        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if tokenizer_file is not None and Path(tokenizer_file).is_file():
+            shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        _replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_quantized(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a quantized export (the loader for what ``baobab quantize`` writes), eval mode.
+
+    The model is built on the meta device, empty quantized modules are swapped in and the
+    stored tensors are assigned: nothing is quantized here. Use
+    ``baobab.export.load_exported`` for an unquantized export.
+    """
+    from baobab import models
+
+    path = Path(path)
+    config = read_config(path)
+    quant = config.get("quantization")
+    if not quant:
+        raise ValueError(f"'{path}' is not a quantized export; load it with load_exported")
+    bits, group_size = quant["bits"], quant.get("group_size") or 64
+    symmetric = bool(quant.get("symmetric", False))
+    check_bits(bits)
+    described = config["model"]
+    cfg = models.get_config(described["name"], **described["config"])
+    model = models.build_model(cfg, device="meta")
+
+    def empty(_: str, lin: nn.Linear) -> nn.Module:
+        bias = lin.bias is not None
+        if bits == 8:
+            return Int8WeightOnlyLinear(lin.in_features, lin.out_features, bias, "meta")
+        return Int4WeightOnlyLinear(
+            lin.in_features, lin.out_features, bias, group_size, symmetric, "meta"
+        )
+
+    _swap(model, tuple(quant.get("skip", DEFAULT_SKIP)), empty)
+    _assign(model, load_file(path / MODEL_FILE, device=str(device)), path / MODEL_FILE)
+    _rebuild_buffers(model, torch.device(device))
+    return model.eval(), config
+
+
+def _assign(model: nn.Module, stored: dict[str, torch.Tensor], file: Path) -> None:
+    """Assign ``stored`` to ``model``'s meta tensors, each tied group from its one stored name."""
+    groups: dict[int, list[str]] = {}  # id(tensor) -> every name it goes by
+    persistent = set(model.state_dict())
+    for name, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        if name in persistent:
+            groups.setdefault(id(t), []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for names in groups.values():
+        present = [n for n in names if n in stored]
+        if not present:
+            missing.extend(names)
+        for n in names:
+            if present:
+                state[n] = stored[present[0]]
+    unexpected = sorted(set(stored) - set(state))
+    if missing or unexpected:
+        raise ValueError(
+            f"'{file}' does not match its config.json: missing {sorted(missing)}, "
+            f"unexpected {unexpected}"
+        )
+    try:
+        model.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as err:  # a shape mismatch
+        detail = " ".join(str(err).split())
+        raise ValueError(f"'{file}' does not match its config.json: {detail}") from None
+    for names in groups.values():  # assign=True makes one Parameter per name: tie them again
+        first = model.get_parameter(names[0]) if _is_param(model, names[0]) else None
+        for n in names[1:]:
+            if first is not None:
+                parent, _, leaf = n.rpartition(".")
+                setattr(model.get_submodule(parent), leaf, first)
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    parent, _, leaf = name.rpartition(".")
+    return leaf in model.get_submodule(parent)._parameters
+
+
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+    """Recompute the non-persistent buffers (never stored) that are still on meta."""
+    cfg = getattr(model, "cfg", None)
+    if hasattr(model, "rope_cos") and model.rope_cos.is_meta:
+        from baobab.models.common import rope_cos_sin
+
+        model.rope_cos, model.rope_sin = rope_cos_sin(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device
+        )
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"load_quantized cannot rebuild these tensors of the model: {left}")
+
+
+def quantize_export(
+    in_dir: str | Path,
+    out_dir: str | Path,
+    bits: int,
+    group_size: int = 64,
+    skip: tuple[str, ...] = DEFAULT_SKIP,
+    symmetric: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Read a ``baobab export`` directory and write its weight-only quantized twin.
+
+    Load the result with :func:`load_quantized`.
+    """
+    from baobab.export.artifact import load_exported
+
+    check_bits(bits)
+    if bits == 4:
+        check_group_size(group_size)
+    in_dir = Path(in_dir)
+    config = read_config(in_dir)
+    if config.get("quantization"):
+        raise ValueError(f"'{in_dir}' is already quantized; quantize the unquantized export")
+    model, config = load_exported(in_dir)
+    quantize_model(model, bits, group_size, skip, symmetric)
+    config = {
+        **config,
+        "quantization": {
+            "bits": bits,
+            "group_size": group_size if bits == 4 else None,
+            "skip": list(skip),
+            "symmetric": symmetric if bits == 4 else True,
+        },
+    }
+    tokenizer = in_dir / TOKENIZER_FILE
+    return save_quantized(model, out_dir, config, tokenizer, overwrite=overwrite)
