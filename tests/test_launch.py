@@ -62,8 +62,7 @@ def test_launcher_trains_and_reports_failed_ranks(tiny_corpus, tmp_path):
         *args, "--data.path", str(tmp_path / "missing"), "--train.run_dir", str(tmp_path / "bad")
     )
     assert done.returncode == 1
-    assert "rank 0: error: " in done.stderr and "rank 1: error: " in done.stderr
-    assert (
-        "the distributed job failed: rank 0 (exit code 2), rank 1 (exit code 2)"
-        in done.stdout + done.stderr
-    )
+    # each worker names itself; torchrun may stop the other one before it prints
+    assert "rank 0: error: " in done.stderr or "rank 1: error: " in done.stderr
+    assert "has no manifest.json" in done.stderr
+    assert "error: the distributed job failed: rank " in done.stdout

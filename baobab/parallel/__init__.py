@@ -5,6 +5,7 @@ checkpointing, compile) -> FSDP2/DDP, in that order, with torch's own engines (D
 DTensor, FSDP2, DDP, torch.distributed.pipelining).
 """
 
+from baobab.parallel.blocks import AC_MODES, BlockOptions, apply_block_options
 from baobab.parallel.clip import clip_grad_norm_parallel
 from baobab.parallel.config import ParallelConfig
 from baobab.parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size, pp_group
@@ -13,9 +14,12 @@ from baobab.parallel.pipeline import build_schedule, split_for_pipeline
 from baobab.parallel.tp_plans import TP_PLANS
 
 __all__ = [
+    "AC_MODES",
     "TP_PLANS",
+    "BlockOptions",
     "ParallelConfig",
     "ParallelModel",
+    "apply_block_options",
     "build_mesh",
     "build_schedule",
     "clip_grad_norm_parallel",

@@ -23,6 +23,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from baobab.parallel.blocks import BlockOptions, apply_block_options
 from baobab.parallel.config import ParallelConfig, model_family
 from baobab.parallel.mesh import dp_mesh
 from baobab.parallel.mesh import pp_group as mesh_pp_group
@@ -126,10 +127,12 @@ def parallelize(
     mesh: DeviceMesh | None,
     cfg: ParallelConfig,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    blocks: BlockOptions | None = None,
 ) -> ParallelModel:
     """Spread ``model`` (with a ``.cfg``) over ``mesh`` as ``cfg`` says.
 
     ``loss_fn(output, target) -> mean loss of one microbatch`` is required when pp > 1.
+    ``blocks`` (activation checkpointing, per-block compile) is applied at step 3 below.
     Parts end up on the mesh's device (the current CUDA device for a "cuda" mesh), moved
     there after the pipeline split. With nothing parallel, the model is returned untouched
     as ``parts=[model]`` (``mesh`` may then be None).
@@ -137,7 +140,9 @@ def parallelize(
     world_size = mesh.size() if mesh is not None else 1
     cfg = cfg.validate(world_size, model.cfg)
     if not cfg.is_distributed:
-        return ParallelModel([model], None, True, True, mesh, cfg)
+        return ParallelModel(
+            [apply_block_options(model, blocks or BlockOptions())], None, True, True, mesh, cfg
+        )
     if mesh is None:
         raise ValueError(
             "parallelize needs a mesh when parallel degrees exceed 1; call build_mesh."
@@ -151,8 +156,8 @@ def parallelize(
     # 1. pipeline split: every later step works on the modules this rank holds, and
     #    deep-copying must happen before parameters become DTensors bound to hooks;
     # 2. tensor parallel: swaps parameters for DTensors on the tp mesh;
-    # 3. activation checkpointing, then per-block compile, slot in here: they wrap the TP'd
-    #    blocks and must sit inside FSDP's per-block hooks;
+    # 3. activation checkpointing, then per-block compile: they wrap the TP'd blocks and
+    #    must sit inside FSDP's per-block hooks;
     # 4. data parallel last: FSDP2 shards the final parameter objects (TP DTensors become
     #    2-D (dp_shard, tp) DTensors) and its hooks wrap everything above;
     # 5. the pipeline schedule is built over the finished stage modules.
@@ -169,6 +174,7 @@ def parallelize(
         part.to(device)  # after the split: a GPU never holds the stages of other ranks
         if cfg.tp > 1:
             _apply_tp(part, family, mesh["tp"], cfg, index == 0, index == n_stages - 1)
+        apply_block_options(part, blocks or BlockOptions())
         _apply_data_parallel(part, mesh, cfg)
     schedule = None
     if cfg.pp > 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from baobab.optim import OptimConfig, ScheduleConfig
-from baobab.parallel import ParallelConfig
+from baobab.parallel import BlockOptions, ParallelConfig
 
 DATA_KINDS = ("tokens", "arrays", "images", "digits", "regression")
 OBJECTIVES = ("auto", "causal_lm", "masked_lm", "classification", "regression")
@@ -186,6 +186,7 @@ class RunConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    blocks: BlockOptions = field(default_factory=BlockOptions)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -197,6 +198,7 @@ class RunConfig:
             "schedule": ScheduleConfig,
             "train": TrainerConfig,
             "parallel": ParallelConfig,
+            "blocks": BlockOptions,
         }
         kwargs = {key: kind(**values[key]) for key, kind in parts.items() if key in values}
         if "optim" in values:

@@ -21,7 +21,7 @@ from torch import nn
 from baobab import data as bdata
 from baobab import models
 from baobab.optim import build_optimizer, build_scheduler, is_full_batch
-from baobab.parallel import build_mesh, dp_rank_and_size, parallelize
+from baobab.parallel import apply_block_options, build_mesh, dp_rank_and_size, parallelize
 from baobab.train import distributed as bdist
 from baobab.train.config import RunConfig
 from baobab.train.device import pick_device
@@ -190,6 +190,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
             mesh,
             layout,
             loss_fn=lambda output, target: objective.criterion(output, target)[0],
+            blocks=cfg.blocks,
         )
         optimizers = [
             build_optimizer(
@@ -198,6 +199,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
             for part in model.parts
         ]
     else:
+        apply_block_options(model, cfg.blocks)
         optimizers = [build_optimizer(model, cfg.optim)]
     seq_len = cfg.data.seq_len if cfg.data.kind == "tokens" else None
     trainer = Trainer(
