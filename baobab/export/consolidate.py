@@ -8,7 +8,6 @@ or untouched.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from baobab.export.artifact import (
     dtype_name,
     parse_dtype,
 )
+from baobab.export.atomic import atomic_directory, refuse_to_overwrite
 
 
 def export_checkpoint(
@@ -45,10 +45,7 @@ def export_checkpoint(
 
     torch_dtype = parse_dtype(dtype)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"'{out}' already exists and is not empty; pass overwrite=True to replace it"
-        )
+    refuse_to_overwrite(out, overwrite)  # before the (slow) load
     ckpt = resolve_checkpoint(checkpoint)
     model, meta = load_trained_model(ckpt)
     if torch_dtype is not None:
@@ -61,30 +58,9 @@ def export_checkpoint(
         "step": meta.get("step"),
         "dtype": dtype_name(weights_dtype) if weights_dtype is not None else None,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if (ckpt / TOKENIZER_FILE).is_file():
             shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put ``tmp`` at ``out`` in one rename (an existing ``out`` is swapped out, then deleted)."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".tmp-old-{out.name}-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)

@@ -16,8 +16,6 @@ untouched. transformers is not needed to write it.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, dtype_name, parse_dtype
-from baobab.export.consolidate import _replace
+from baobab.export.atomic import atomic_directory, refuse_to_overwrite
+from baobab.export.hf_import import LLAMA_LAYER_NAMES
 
 GENERATION_FILE, TOKENIZER_CONFIG_FILE = "generation_config.json", "tokenizer_config.json"
 LLAMA_ARCH = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
@@ -41,17 +40,7 @@ def llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     }
     if not cfg.tie_embeddings:
         sd["lm_head.weight"] = model.output.weight
-    names = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    names = LLAMA_LAYER_NAMES
     for i, layer in model.layers.items():
         for ours, theirs in names.items():
             sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
@@ -152,10 +141,7 @@ def export_hf(
     """
     torch_dtype = parse_dtype(dtype)
     out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"'{out}' already exists and is not empty; pass overwrite=True to replace it."
-        )
+    refuse_to_overwrite(out, overwrite)  # before any loading
     model, stored_tok = _load(model_or_checkpoint)
     cfg = getattr(model, "cfg", None)
     if type(cfg).__name__ != "GPTConfig":
@@ -185,20 +171,13 @@ def export_hf(
         config["pad_token_id"] = pad_id
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / GENERATION_FILE, generation)
         if tok_json is not None:
             (tmp / TOKENIZER_FILE).write_text(tok_json, encoding="utf-8")
             _write_json(tmp / TOKENIZER_CONFIG_FILE, tok_config)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -30,6 +30,20 @@ INDEX_FILE = "model.safetensors.index.json"
 Weights = dict[str, torch.Tensor]
 
 
+# baobab gpt block module -> Hugging Face Llama decoder-layer module (both directions).
+LLAMA_LAYER_NAMES = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+
+
 def read_safetensors(path: Path) -> Weights:
     """Every tensor of the directory's safetensors file(s), by HF name, on the CPU."""
     index = path / INDEX_FILE
@@ -98,17 +112,7 @@ def _llama(hf: dict[str, Any], w: Weights) -> tuple[str, dict[str, Any], Weights
         "norm.weight": w["model.norm.weight"],
     }
     sd["output.weight"] = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
-    names = {
-        "attention.wq": "self_attn.q_proj",
-        "attention.wk": "self_attn.k_proj",
-        "attention.wv": "self_attn.v_proj",
-        "attention.wo": "self_attn.o_proj",
-        "feed_forward.w1": "mlp.gate_proj",
-        "feed_forward.w3": "mlp.up_proj",
-        "feed_forward.w2": "mlp.down_proj",
-        "attention_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-    }
+    names = LLAMA_LAYER_NAMES
     for i in range(cfg["n_layer"]):
         for ours, theirs in names.items():
             sd[f"layers.{i}.{ours}.weight"] = w[f"model.layers.{i}.{theirs}.weight"]

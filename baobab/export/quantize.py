@@ -22,7 +22,6 @@ and assigns the stored tensors: nothing is quantized at load.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +33,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
+from baobab.export.atomic import atomic_directory
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -282,28 +282,15 @@ def save_quantized(
     ``config`` is the export config (see ``artifact.py``) with a ``"quantization"`` entry
     ``{"bits", "group_size", "skip", "symmetric"}`` (as :func:`quantize_export` writes it).
     """
-    from baobab.export.consolidate import _replace
-
     if "quantization" not in config:
         raise ValueError("config has no 'quantization' entry; pass the dict quantize_export builds")
     out = Path(out_dir)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(
-            f"'{out}' already exists and is not empty; pass overwrite=True to replace it"
-        )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out, overwrite) as tmp:
         # save_model stores tied tensors once and makes every tensor contiguous.
         save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         if tokenizer_file is not None and Path(tokenizer_file).is_file():
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
-        _replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
