@@ -15,10 +15,6 @@ import torch
 import torch.distributed as dist
 
 
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_distributed(device_name: str = "auto", timeout_s: float = 600.0) -> torch.device:
     """Join the torchrun job (gloo on CPU, NCCL on CUDA) and return this rank's device."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -18,23 +18,9 @@ from baobab.models import build_model
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A byte-level corpus of a few standard-library modules."""
-    from baobab import data as bdata
-
-    out = tmp_path_factory.mktemp("quant-corpus") / "bytes"
-    files = [str(p) for p in bdata.stdlib_files()[:10]]
-    bdata.prepare(
-        bdata.PrepareConfig(
-            inputs=files,
-            out=str(out),
-            tokenizer="bytes",
-            val_fraction=0.2,
-            workers=1,
-            progress=False,
-        )
-    )
-    return out
+def corpus(tiny_corpus) -> Path:
+    """The shared byte-level corpus of standard-library modules (tests/conftest.py)."""
+    return tiny_corpus
 
 
 @pytest.fixture(scope="module")
