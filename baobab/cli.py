@@ -71,8 +71,9 @@ def prepare_parser() -> ArgumentParser:
     return parser
 
 
-# subcommand -> typed function; its signature is the subcommand's flags.
-COMMANDS: dict[str, Callable[..., Any]] = {
+# subcommand -> typed function; its signature is the subcommand's flags. A nested dict is a
+# group of subcommands (``baobab hf export``).
+COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "eval": commands.evaluate,
     "export": commands.export,
     "quantize": commands.quantize,
@@ -84,6 +85,23 @@ COMMANDS: dict[str, Callable[..., Any]] = {
 }
 
 
+def _function_parser(function: Callable[..., Any]) -> ArgumentParser:
+    sub = ArgumentParser()
+    # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) is positional; the rest are flags.
+    params = list(inspect.signature(function).parameters.values())
+    first = params[0] if params else None
+    skip = set()
+    if first is not None and str(first.annotation).startswith("list"):
+        sub.add_argument(first.name, nargs="+")
+        skip.add(first.name)
+    sub.add_function_arguments(function, None, skip=skip)
+    return sub
+
+
+def _summary(function: Callable[..., Any]) -> str:
+    return (function.__doc__ or "").strip().splitlines()[0]
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="baobab", description="Grow large models: prepare, train, evaluate, generate."
@@ -93,17 +111,25 @@ def build_parser() -> ArgumentParser:
     subcommands.add_subcommand(
         "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
     )
-    for name, function in COMMANDS.items():
-        sub = ArgumentParser()
-        # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) is positional; the rest are flags.
-        first = next(iter(inspect.signature(function).parameters.values()), None)
-        skip = set()
-        if first is not None and str(first.annotation).startswith("list"):
-            sub.add_argument(first.name, nargs="+")
-            skip.add(first.name)
-        sub.add_function_arguments(function, None, skip=skip)
-        subcommands.add_subcommand(name, sub, help=(function.__doc__ or "").strip().splitlines()[0])
+    for name, target in COMMANDS.items():
+        if isinstance(target, dict):
+            group = ArgumentParser()
+            inner = group.add_subcommands(dest="action")
+            for action, function in target.items():
+                inner.add_subcommand(action, _function_parser(function), help=_summary(function))
+            subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(target)}")
+        else:
+            subcommands.add_subcommand(name, _function_parser(target), help=_summary(target))
     return parser
+
+
+def _call(target: Callable[..., Any] | dict[str, Callable[..., Any]], ns: Namespace) -> None:
+    ns = ns.clone()
+    ns.pop("__path__", None)
+    if isinstance(target, dict):
+        action = ns.pop("action")
+        return _call(target[action], ns[action])
+    target(**vars(ns))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,9 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif name == "prepare":
             commands.prepare(_instantiate(prepare_parser(), ns[name], PrepareConfig))
         else:
-            sub_ns = ns[name].clone()
-            sub_ns.pop("__path__", None)
-            COMMANDS[name](**vars(sub_ns))
+            _call(COMMANDS[name], ns[name])
     except USER_ERRORS as err:
         if os.environ.get("BAOBAB_DEBUG"):
             raise

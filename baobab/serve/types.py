@@ -1,0 +1,89 @@
+"""The contract between the serving engine and the HTTP layer.
+
+The engine (``engine.py``, ``scheduler.py``, ``kv_cache.py``, ``runner.py``) takes token ids
+and :class:`SamplingParams` and produces :class:`RequestOutput` increments; the HTTP layer
+(``server.py``) only translates OpenAI requests into these and back (DESIGN principle 7).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class QueueFullError(RuntimeError):
+    """The engine's waiting queue holds ``max_queue`` requests; the server answers 429."""
+
+
+class PromptTooLongError(ValueError):
+    """prompt tokens + max_tokens exceed the model's context; the server answers 400.
+
+    The message names both numbers and the context length.
+    """
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
+        super().__init__(
+            f"this model's maximum context length is {context} tokens, but the request asks for "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt and "
+            f"{max_tokens} for the completion); shorten the prompt or lower max_tokens"
+        )
+
+
+@dataclass
+class SamplingParams:
+    """How one sequence is sampled. Validated by the HTTP layer's schema; the engine trusts it.
+
+    ``n`` > 1 is handled above the engine: the server submits ``n`` requests, the i-th with
+    seed ``seed + i`` when a seed is given.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 is greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k cut
+    seed: int | None = None  # same seed + same prompt -> same tokens, whatever else runs
+    stop: list[str] = field(default_factory=list)  # stop strings, not included in the text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's + top-k
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    token: str  # the token's text (may be a partial UTF-8 piece, shown with replacement chars)
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)  # top-k alternatives: text -> logprob
+
+
+@dataclass
+class RequestOutput:
+    """One engine step's increment for one request.
+
+    Invariants: the concatenation of ``text`` over a request's outputs is its completion
+    text (stop string excluded); ``text`` never ends inside a multi-byte UTF-8 character;
+    exactly one output per request has ``finished`` True and it is the last.
+    """
+
+    request_id: str
+    token_ids: list[int]  # tokens new in this increment
+    text: str  # text new in this increment
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+
+
+@dataclass
+class EngineStats:
+    """Gauges the server exports on /metrics."""
+
+    running: int  # requests holding KV cache
+    waiting: int  # requests queued for admission
+    kv_cache_usage: float  # fraction of KV cache blocks/slots in use, 0..1
+    kv_cache_blocks_total: int
+    kv_cache_blocks_used: int
