@@ -328,6 +328,9 @@ def load_trained_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model a checkpoint was trained as and load its weights (eval mode).
 
+    LoRA adapters of a fine-tune are merged into their base weights, so the model is
+    always the plain family model.
+
     Runs in this process alone (no process group needed), from a checkpoint saved under
     any layout.
     """
@@ -339,5 +342,12 @@ def load_trained_model(
     if not isinstance(described, dict) or "name" not in described:
         raise ValueError(f"checkpoint '{ckpt}' has no model description in its {META_FILE}")
     model = models.build_model(models.get_config(described["name"], **described.get("config", {})))
+    lora = meta.get("lora")
+    if lora:  # a LoRA fine-tune: load base + adapters as trained, then fold the adapters in
+        from baobab.models.lora import LoRAConfig, apply_lora, merge_lora
+
+        apply_lora(model, LoRAConfig(**{**lora, "targets": tuple(lora["targets"])}))
     _load_into(ckpt, [model], [], no_dist=True)
+    if lora:
+        merge_lora(model).requires_grad_(True)
     return model.to(device).eval(), meta

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     PrepareModuleInput,
@@ -128,11 +128,15 @@ def parallelize(
     cfg: ParallelConfig,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     blocks: BlockOptions | None = None,
+    param_dtype: torch.dtype | None = None,
 ) -> ParallelModel:
     """Spread ``model`` (with a ``.cfg``) over ``mesh`` as ``cfg`` says.
 
     ``loss_fn(output, target) -> mean loss of one microbatch`` is required when pp > 1.
     ``blocks`` (activation checkpointing, per-block compile) is applied at step 3 below.
+    ``param_dtype`` (e.g. bf16) is FSDP's mixed precision: the sharded fp32 parameters stay
+    the optimizer's master weights, forward and backward run on ``param_dtype`` copies and
+    gradients are reduced in fp32; it needs FSDP (``dp_shard`` > 1).
     Parts end up on the mesh's device (the current CUDA device for a "cuda" mesh), moved
     there after the pipeline split. With nothing parallel, the model is returned untouched
     as ``parts=[model]`` (``mesh`` may then be None).
@@ -146,6 +150,10 @@ def parallelize(
     if mesh is None:
         raise ValueError(
             "parallelize needs a mesh when parallel degrees exceed 1; call build_mesh."
+        )
+    if param_dtype is not None and cfg.dp_shard == 1:
+        raise ValueError(
+            "bf16 parameters with fp32 master weights need FSDP; set parallel.dp_shard > 1"
         )
     if cfg.pp > 1 and loss_fn is None:
         raise ValueError(
@@ -175,7 +183,7 @@ def parallelize(
         if cfg.tp > 1:
             _apply_tp(part, family, mesh["tp"], cfg, index == 0, index == n_stages - 1)
         apply_block_options(part, blocks or BlockOptions())
-        _apply_data_parallel(part, mesh, cfg)
+        _apply_data_parallel(part, mesh, cfg, param_dtype)
     schedule = None
     if cfg.pp > 1:
         schedule = build_schedule(stages, cfg, loss_fn, mesh_pp_group(mesh), device)
@@ -262,7 +270,9 @@ def _sequence_parallel_stage_edges(
         )
 
 
-def _apply_data_parallel(part: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig) -> None:
+def _apply_data_parallel(
+    part: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig, param_dtype: torch.dtype | None
+) -> None:
     if cfg.dp_size == 1:
         return
     mesh_dp = dp_mesh(mesh)
@@ -274,9 +284,13 @@ def _apply_data_parallel(part: nn.Module, mesh: DeviceMesh, cfg: ParallelConfig)
     # FSDP2: 1-D mesh = FSDP; 2-D (replicate, shard) = HSDP. With TP or PP and
     # dp_shard == 1 this is the 2-D mesh with a shard dim of size 1, i.e. replication
     # through FSDP2, which composes with DTensor parameters and pipeline stages.
-    reshard = cfg.fsdp_reshard_after_forward
+    options = {"mesh": mesh_dp, "reshard_after_forward": cfg.fsdp_reshard_after_forward}
+    if param_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32
+        )
     layers = getattr(part, "layers", None)
     if isinstance(layers, nn.ModuleDict):
         for block in layers.values():
-            fully_shard(block, mesh=mesh_dp, reshard_after_forward=reshard)
-    fully_shard(part, mesh=mesh_dp, reshard_after_forward=reshard)
+            fully_shard(block, **options)
+    fully_shard(part, **options)

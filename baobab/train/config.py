@@ -11,12 +11,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from baobab.models.lora import LoRAConfig
 from baobab.optim import OptimConfig, ScheduleConfig
 from baobab.parallel import BlockOptions, ParallelConfig
 
 DATA_KINDS = ("tokens", "arrays", "images", "digits", "regression")
 OBJECTIVES = ("auto", "causal_lm", "masked_lm", "classification", "regression")
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "bf16-params")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -31,10 +32,41 @@ class ModelSpec:
     Args:
         name: a registered model name (``baobab models`` lists them), e.g. ``gpt-mini``.
         overrides: config fields to change from the named size, e.g. ``{"n_layer": 2}``.
+        init: start from the weights in this directory instead of a fresh init: a baobab
+            export, a checkpoint or run directory, or a Hugging Face Llama/GPT-2/BERT
+            directory. Its config replaces ``name``'s; ``overrides`` may still change
+            fields that keep the weights' shapes (e.g. dropout).
     """
 
     name: str = "gpt-mini"
     overrides: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation: the student learns from a teacher's logits as well as the labels.
+
+    The training loss is ``alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE``, with
+    both distributions softened by temperature T (Hinton et al., 2015); evaluation reports
+    the student's plain label loss. Works for causal_lm and classification objectives.
+
+    Args:
+        teacher: the teacher model's directory (an export, a checkpoint or run directory, or
+            a Hugging Face directory); unset: no distillation.
+        temperature: softening temperature T of both distributions.
+        alpha: weight of the distillation term; 1 - alpha weights the hard-label loss.
+    """
+
+    teacher: str | None = None
+    temperature: float = 2.0
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(
+            self.temperature > 0, f"distill.temperature must be positive, got {self.temperature}"
+        )
+        _check(0 <= self.alpha <= 1, f"distill.alpha must be in [0, 1], got {self.alpha}")
 
 
 @dataclass
@@ -106,7 +138,9 @@ class TrainerConfig:
         max_epochs: stop after this many passes over the training data.
         target_loss: also stop as soon as the training loss is at or below this value.
         grad_accum: micro-batches per optimizer update.
-        precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32 or bf16.
+        precision: auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, bf16 (autocast) or
+            bf16-params (FSDP keeps fp32 master weights and computes with bf16 copies;
+            gradients are reduced in fp32; needs parallel.dp_shard > 1).
         device: auto (CUDA, then MPS, then CPU) or a torch device string.
         seed: seeds model initialisation, data order and sampling.
         eval_every: evaluate every this many steps (0: only at the end).
@@ -178,7 +212,11 @@ class TrainerConfig:
 
 @dataclass
 class RunConfig:
-    """A whole training run: what a recipe file holds."""
+    """A whole training run: what a recipe file holds.
+
+    ``lora`` (unset: off) swaps the chosen linear layers for LoRA adapters after the model
+    is built or loaded; only the adapters train (``baobab finetune --lora.rank 8``).
+    """
 
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataConfig = field(default_factory=DataConfig)
@@ -187,6 +225,8 @@ class RunConfig:
     train: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     blocks: BlockOptions = field(default_factory=BlockOptions)
+    lora: LoRAConfig | None = None
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -199,8 +239,11 @@ class RunConfig:
             "train": TrainerConfig,
             "parallel": ParallelConfig,
             "blocks": BlockOptions,
+            "distill": DistillConfig,
         }
         kwargs = {key: kind(**values[key]) for key, kind in parts.items() if key in values}
+        if values.get("lora"):
+            kwargs["lora"] = LoRAConfig(**values["lora"])
         if "optim" in values:
             kwargs["optim"] = dataclasses.replace(
                 kwargs["optim"], betas=tuple(values["optim"]["betas"])

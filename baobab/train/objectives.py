@@ -49,6 +49,10 @@ class Objective:
         """Throughput unit: samples here, tokens for language models."""
         return int(batch.inputs.shape[0])
 
+    def for_evaluation(self) -> Objective:
+        """The objective validation reports (a training-only loss term reports its base)."""
+        return self
+
 
 class _LanguageModel(Objective):
     def items(self, batch: Batch) -> int:
@@ -113,6 +117,57 @@ class Regression(Objective):
 
     def criterion(self, output, targets):
         return torch.mean((output.float() - targets.reshape(output.shape)) ** 2), {}
+
+
+class Distillation(Objective):
+    """Knowledge distillation around a base objective (causal_lm or classification).
+
+    loss = alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+           + (1 - alpha) * base loss,
+    with the KL summed over classes and averaged over the base loss's terms (tokens or
+    samples), so micro-batch weighting stays exact. T^2 keeps the soft term's gradient
+    scale independent of T (Hinton et al., 2015). The teacher runs without gradients.
+    """
+
+    def __init__(self, base: Objective, teacher: nn.Module, temperature: float, alpha: float):
+        if base.name not in ("causal_lm", "classification"):
+            raise ValueError(
+                f"distillation works with the causal_lm and classification objectives, not {base.name}"
+            )
+        self.base, self.teacher = base, teacher.eval().requires_grad_(False)
+        self.temperature, self.alpha = temperature, alpha
+        self.name, self.metric = base.name, base.metric
+
+    def prepare(self, x, y, generator=None):
+        return self.base.prepare(x, y, generator)
+
+    def items(self, batch: Batch) -> int:
+        return self.base.items(batch)
+
+    def for_evaluation(self) -> Objective:
+        return self.base
+
+    def loss(self, model, batch):
+        student = model(batch.inputs)  # (B, T, V) or (B, classes)
+        hard, extras = self.base.criterion(student, batch.targets)
+        with torch.no_grad():
+            teacher = self.teacher(batch.inputs)
+        if teacher.shape != student.shape:
+            raise ValueError(
+                f"the teacher's outputs have shape {tuple(teacher.shape)} but the student's "
+                f"have {tuple(student.shape)}; both need the same vocabulary or classes"
+            )
+        return self.alpha * self.soft_loss(student, teacher) + (1 - self.alpha) * hard, extras
+
+    def soft_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """T^2 * KL(teacher_T || student_T), summed over the last dim, mean over the rest."""
+        t = self.temperature
+        s_log = F.log_softmax(student.flatten(0, -2).float() / t, dim=-1)  # (N, V)
+        t_log = F.log_softmax(teacher.flatten(0, -2).float() / t, dim=-1)  # (N, V)
+        return F.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
+
+    def criterion(self, output, targets):
+        raise ValueError("distillation cannot run inside a pipeline schedule; set parallel.pp 1")
 
 
 def build_objective(

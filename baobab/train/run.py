@@ -20,12 +20,14 @@ from torch import nn
 
 from baobab import data as bdata
 from baobab import models
+from baobab.export.open import OpenedModel, open_model
+from baobab.models.lora import apply_lora
 from baobab.optim import build_optimizer, build_scheduler, is_full_batch
 from baobab.parallel import apply_block_options, build_mesh, dp_rank_and_size, parallelize
 from baobab.train import distributed as bdist
 from baobab.train.config import RunConfig
 from baobab.train.device import pick_device
-from baobab.train.objectives import build_objective
+from baobab.train.objectives import Distillation, build_objective
 from baobab.train.trainer import Trainer, TrainResult
 
 # Model config fields that the data decides, unless the user overrode them.
@@ -120,20 +122,31 @@ def _array_facts(dataset) -> dict[str, Any]:
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def model_config_for(cfg: RunConfig, facts: dict[str, Any]):
-    """The named model config with data-decided fields filled in, then user overrides."""
-    base = models.get_config(cfg.model.name)
-    fields = {f.name for f in dataclasses.fields(base)}
-    decided = {k: v for k, v in facts.items() if k in fields and k in DATA_DECIDED}
-    overrides = {**decided, **cfg.model.overrides}
-    if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < facts.get(
-        "tokenizer_vocab_size", 0
-    ):
-        raise ValueError(
-            f"model.overrides.vocab_size {cfg.model.overrides['vocab_size']} is smaller than the tokenizer's "
-            f"{facts['tokenizer_vocab_size']} tokens"
-        )
-    model_cfg = models.get_config(cfg.model.name, **overrides)
+def model_config_for(cfg: RunConfig, facts: dict[str, Any], base: OpenedModel | None = None):
+    """The named model config with data-decided fields filled in, then user overrides.
+
+    Starting from ``base`` (``model.init``), its config is kept and the data must fit it.
+    """
+    if base is not None:
+        model_cfg = _base_config(cfg, base)
+        if facts.get("tokenizer_vocab_size", 0) > getattr(model_cfg, "vocab_size", 1 << 62):
+            raise ValueError(
+                f"the data's tokenizer has {facts['tokenizer_vocab_size']} tokens but the model in "
+                f"'{cfg.model.init}' has only {model_cfg.vocab_size}"
+            )
+    else:
+        base_cfg = models.get_config(cfg.model.name)
+        fields = {f.name for f in dataclasses.fields(base_cfg)}
+        decided = {k: v for k, v in facts.items() if k in fields and k in DATA_DECIDED}
+        overrides = {**decided, **cfg.model.overrides}
+        if "vocab_size" in cfg.model.overrides and cfg.model.overrides["vocab_size"] < facts.get(
+            "tokenizer_vocab_size", 0
+        ):
+            raise ValueError(
+                f"model.overrides.vocab_size {cfg.model.overrides['vocab_size']} is smaller than the tokenizer's "
+                f"{facts['tokenizer_vocab_size']} tokens"
+            )
+        model_cfg = models.get_config(cfg.model.name, **overrides)
     max_len = getattr(model_cfg, "max_seq_len", None)
     if cfg.data.kind == "tokens" and max_len is not None and cfg.data.seq_len > max_len:
         raise ValueError(
@@ -141,6 +154,37 @@ def model_config_for(cfg: RunConfig, facts: dict[str, Any]):
             "or set model.overrides.max_seq_len"
         )
     return model_cfg
+
+
+def _base_config(cfg: RunConfig, base: OpenedModel):
+    described = base.described
+    return models.get_config(described["name"], **{**described["config"], **cfg.model.overrides})
+
+
+def _check_tokenizer(data_tokenizer: Path | None, model: OpenedModel, role: str) -> None:
+    """Refuse data encoded with another tokenizer than the one ``model`` was trained with."""
+    if data_tokenizer is None or model.tokenizer_file is None:
+        return
+    ours = bdata.Tokenizer.load(data_tokenizer).backend.get_vocab()
+    theirs = bdata.Tokenizer.load(model.tokenizer_file).backend.get_vocab()
+    if ours != theirs:
+        raise ValueError(
+            f"the data was tokenized with another tokenizer than the {role}'s; prepare it with "
+            f"--tokenizer {model.tokenizer_file}"
+        )
+
+
+def _check_features(cfg: RunConfig, layout) -> None:
+    """Refuse combinations of fine-tuning features and layouts that cannot work."""
+    if cfg.lora is not None and layout.tp > 1:
+        raise ValueError("LoRA adapters do not support tensor parallelism; set parallel.tp 1")
+    if cfg.distill.teacher and layout.pp > 1:
+        raise ValueError("distillation does not support pipeline parallelism; set parallel.pp 1")
+    if cfg.train.precision == "bf16-params" and layout.dp_shard == 1:
+        raise ValueError(
+            "train.precision bf16-params needs FSDP (parallel.dp_shard > 1); use bf16 "
+            "(autocast) otherwise"
+        )
 
 
 def build_trainer(cfg: RunConfig) -> Trainer:
@@ -158,17 +202,26 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         "seq_len": cfg.data.seq_len if cfg.data.kind == "tokens" else None,
         "local_batch_size": cfg.data.batch_size,
     }
-    layout = cfg.parallel.validate(
-        world, models.get_config(cfg.model.name, **cfg.model.overrides), **checks
+    base = open_model(cfg.model.init) if cfg.model.init else None
+    named = (
+        _base_config(cfg, base)
+        if base
+        else models.get_config(cfg.model.name, **cfg.model.overrides)
     )
+    layout = cfg.parallel.validate(world, named, **checks)
+    _check_features(cfg, layout)
     device = (
         bdist.init_distributed(cfg.train.device) if world > 1 else pick_device(cfg.train.device)
     )
     mesh = build_mesh(layout, device.type) if world > 1 else None
     dp_rank, dp_size = dp_rank_and_size(mesh) if mesh is not None else (0, 1)
     bundle = build_data(cfg, full_batch, dp_rank, dp_size)
-    model_cfg = model_config_for(cfg, bundle.facts)
+    model_cfg = model_config_for(cfg, bundle.facts, base)
     layout = cfg.parallel.validate(world, model_cfg, **checks)
+    teacher = open_model(cfg.distill.teacher) if cfg.distill.teacher else None
+    for opened, role in ((base, "base model"), (teacher, "teacher")):
+        if opened is not None:
+            _check_tokenizer(bundle.tokenizer_file, opened, role)
     family = models.family_of(model_cfg)
     objective_name = (
         models.task_of(model_cfg) if cfg.train.objective == "auto" else cfg.train.objective
@@ -179,10 +232,18 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         vocab_size=bundle.facts.get("tokenizer_vocab_size"),
         mask_prob=cfg.train.mask_prob,
     )
+    if teacher is not None:
+        objective = Distillation(
+            objective, teacher.model.to(device), cfg.distill.temperature, cfg.distill.alpha
+        )
     # Every rank builds the same full model from the same seed, so a parallel run starts
     # from exactly the weights of the single-process run; parallelize() then shards it.
     torch.manual_seed(cfg.train.seed)
     model = models.build_model(model_cfg)
+    if base is not None:
+        _load_base_weights(model, base, cfg.model.init)
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)  # after loading: adapters start at zero over the base
     if mesh is not None:
         head = _output_layer_name(model)
         model = parallelize(
@@ -191,6 +252,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
             layout,
             loss_fn=lambda output, target: objective.criterion(output, target)[0],
             blocks=cfg.blocks,
+            param_dtype=torch.bfloat16 if cfg.train.precision == "bf16-params" else None,
         )
         optimizers = [
             build_optimizer(
@@ -215,13 +277,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         flops_per_item=models.training_flops_per_token(model_cfg, seq_len),
         meta={
             "model": {
-                "name": cfg.model.name,
+                "name": base.described["name"] if base else cfg.model.name,
                 "family": family.name,
                 "config": _plain(dataclasses.asdict(model_cfg)),
             },
             "objective": objective_name,
             "data": {"kind": cfg.data.kind, "seq_len": seq_len},
             "run": _plain(dataclasses.asdict(cfg)),
+            "lora": _plain(dataclasses.asdict(cfg.lora)) if cfg.lora else None,
         },
         tokenizer_file=bundle.tokenizer_file,
         device=device,
@@ -230,6 +293,14 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         build_scheduler(opt, cfg.schedule, trainer.total_steps) for opt in optimizers
     ]
     return trainer
+
+
+def _load_base_weights(model: nn.Module, base: OpenedModel, where: str) -> None:
+    try:
+        model.load_state_dict(base.model.state_dict(), strict=True)
+    except RuntimeError as err:  # missing keys or shapes changed by model.overrides
+        detail = " ".join(str(err).split())
+        raise ValueError(f"the weights in '{where}' do not fit the model: {detail}") from None
 
 
 def _output_layer_name(model: nn.Module) -> str:

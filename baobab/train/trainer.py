@@ -318,6 +318,6 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         generator = torch.Generator(device=self.device).manual_seed(self._eval_generator_seed)
         return evaluate(
-            self.model, self.val_loader, self.objective, self.device, self.cfg.precision, self.cfg.eval_batches,
+            self.model, self.val_loader, self.objective.for_evaluation(), self.device, self.cfg.precision, self.cfg.eval_batches,
             generator, parallel=self.parallel,
         )  # fmt: skip

@@ -1,0 +1,73 @@
+"""Open any model directory baobab can start from: an export, a checkpoint or run, or an HF dir.
+
+Fine-tuning (``model.init``), distillation teachers and the HF exporter all take "a model
+directory" from the user; this is the one place that tells the kinds apart, by their files
+(never by the directory's name):
+
+- a baobab export: ``config.json`` with a ``"model"`` entry, plus ``model.safetensors``;
+- a Hugging Face directory: ``config.json`` with ``"architectures"`` (Llama, GPT-2, BERT);
+- otherwise a training checkpoint, or a run directory (its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+
+
+@dataclass
+class OpenedModel:
+    model: nn.Module  # eval mode, on CPU, plain modules (adapters merged, not quantized)
+    described: dict[str, Any]  # {"name", "family", "config"} as in an export's config.json
+    tokenizer_file: Path | None  # the tokenizer.json stored with the model, if any
+    source: str  # "export", "huggingface" or "checkpoint"
+
+
+def open_model(path: str | Path) -> OpenedModel:
+    """Load the model stored in ``path`` (see the module docstring for what ``path`` may be)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"model directory '{path}' does not exist")
+    config = _json(path / CONFIG_FILE)
+    if config is not None and "architectures" in config:
+        from baobab.export.hf_import import import_hf
+
+        model, meta = import_hf(path)
+        tok = meta.get("tokenizer")
+        return OpenedModel(model, meta["model"], Path(tok) if tok else None, "huggingface")
+    if config is not None and "model" in config and (path / MODEL_FILE).is_file():
+        if "quantization" in config:
+            raise ValueError(
+                f"'{path}' is a quantized export; start from the unquantized model instead"
+            )
+        from baobab.export.artifact import load_exported
+
+        model, config = load_exported(path)
+        return OpenedModel(model, config["model"], _file(path / TOKENIZER_FILE), "export")
+    # Imported here: only checkpoints need torch.distributed.checkpoint.
+    from baobab.checkpoint import load_trained_model, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(path)
+    model, meta = load_trained_model(ckpt)
+    described = {k: meta["model"].get(k) for k in ("name", "family", "config")}
+    return OpenedModel(model, described, _file(ckpt / TOKENIZER_FILE), "checkpoint")
+
+
+def _json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{path}' is not valid JSON ({err})") from None
+    return value if isinstance(value, dict) else None
+
+
+def _file(path: Path) -> Path | None:
+    return path if path.is_file() else None
