@@ -29,6 +29,7 @@ import torch
 MODES = {
     "eager": [],
     "compile": ["--blocks.compile", "true"],
+    "compile-model": ["--blocks.compile_model", "true"],
     "ac-full": ["--blocks.activation_checkpointing", "full"],
     "ac-selective": ["--blocks.activation_checkpointing", "selective", "--blocks.ac_every", "2"],
 }

@@ -26,11 +26,14 @@ class BlockOptions:
             backward); selective (every ``ac_every``-th block does).
         ac_every: for selective checkpointing, checkpoint blocks 0, n, 2n, ...
         compile: ``torch.compile`` each block (in place; parameter names unchanged).
+        compile_model: ``torch.compile`` the whole model as one graph (one device only; any
+            family, blocks or not). Per-block compile is the one that composes with FSDP.
     """
 
     activation_checkpointing: str = "none"
     ac_every: int = 2
     compile: bool = False
+    compile_model: bool = False
 
     def __post_init__(self) -> None:
         if self.activation_checkpointing not in AC_MODES:
@@ -41,14 +44,20 @@ class BlockOptions:
         if self.ac_every < 1:
             raise ValueError(f"ac_every must be at least 1, got {self.ac_every}")
 
+        if self.compile and self.compile_model:
+            raise ValueError("set blocks.compile or blocks.compile_model, not both")
+
     @property
-    def active(self) -> bool:
+    def per_block(self) -> bool:
         return self.activation_checkpointing != "none" or self.compile
 
 
 def apply_block_options(model: nn.Module, options: BlockOptions) -> nn.Module:
-    """Checkpoint and/or compile the blocks of ``model.layers`` in place; returns ``model``."""
-    if not options.active:
+    """Checkpoint and/or compile the blocks of ``model.layers`` (or compile the whole model)
+    in place; returns ``model``."""
+    if options.compile_model:
+        model.compile()
+    if not options.per_block:
         return model
     layers = getattr(model, "layers", None)
     if not isinstance(layers, nn.ModuleDict):

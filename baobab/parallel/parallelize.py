@@ -151,6 +151,11 @@ def parallelize(
         raise ValueError(
             "parallelize needs a mesh when parallel degrees exceed 1; call build_mesh."
         )
+    if blocks is not None and blocks.compile_model:
+        raise ValueError(
+            "blocks.compile_model works on one device; under a parallel layout use "
+            "blocks.compile (per block)"
+        )
     if param_dtype is not None and cfg.dp_shard == 1:
         raise ValueError(
             "bf16 parameters with fp32 master weights need FSDP; set parallel.dp_shard > 1"

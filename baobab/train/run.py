@@ -180,6 +180,11 @@ def _check_features(cfg: RunConfig, layout) -> None:
         raise ValueError("LoRA adapters do not support tensor parallelism; set parallel.tp 1")
     if cfg.distill.teacher and layout.pp > 1:
         raise ValueError("distillation does not support pipeline parallelism; set parallel.pp 1")
+    if cfg.blocks.compile_model and layout.is_distributed:
+        raise ValueError(
+            "blocks.compile_model works on one device; under a parallel layout use "
+            "blocks.compile (per block)"
+        )
     if cfg.train.precision == "bf16-params" and layout.dp_shard == 1:
         raise ValueError(
             "train.precision bf16-params needs FSDP (parallel.dp_shard > 1); use bf16 "

@@ -29,8 +29,9 @@ def eager(tiny_corpus, tmp_path_factory):
         ["--blocks.activation_checkpointing", "full"],
         ["--blocks.activation_checkpointing", "selective", "--blocks.ac_every", "2"],
         ["--blocks.compile", "true", "--blocks.activation_checkpointing", "selective"],
+        ["--blocks.compile_model", "true"],
     ],
-    ids=["full-ac", "selective-ac", "compile+ac"],
+    ids=["full-ac", "selective-ac", "compile+ac", "compile-model"],
 )
 def test_same_losses_as_eager(eager, tiny_corpus, tmp_path, flags):
     got = losses_with(tiny_corpus, tmp_path, *flags)
@@ -42,6 +43,8 @@ def test_bad_options_are_refused():
         BlockOptions(activation_checkpointing="some")
     with pytest.raises(ValueError, match="ac_every must be at least 1"):
         BlockOptions(ac_every=0)
+    with pytest.raises(ValueError, match="set blocks.compile or blocks.compile_model, not both"):
+        BlockOptions(compile=True, compile_model=True)
 
 
 def test_options_reach_the_selected_blocks():
