@@ -15,11 +15,13 @@ from typing import Any
 
 os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
 
+import docstring_parser  # noqa: E402
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
 
 from baobab import commands, launch, models  # noqa: E402
 from baobab.data import PrepareConfig  # noqa: E402
 from baobab.recipes import recipe_path  # noqa: E402
+from baobab.serve.bench import bench_serve  # noqa: E402
 from baobab.train.config import RunConfig  # noqa: E402
 from baobab.train.trainer import TrainingError  # noqa: E402
 
@@ -82,18 +84,28 @@ COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "recipes": commands.list_recipes,
     "quickstart": commands.quickstart,
     "plot": commands.plot,
+    "hf": {"export": commands.hf_export, "import": commands.hf_import},
+    "bench": {"serve": bench_serve},
 }
 
 
 def _function_parser(function: Callable[..., Any]) -> ArgumentParser:
     sub = ArgumentParser()
-    # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) is positional; the rest are flags.
+    # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) and positional-only string
+    # parameters (before ``/``: ``hf export DIR``) are positional; the rest are flags.
     params = list(inspect.signature(function).parameters.values())
     first = params[0] if params else None
     skip = set()
     if first is not None and str(first.annotation).startswith("list"):
         sub.add_argument(first.name, nargs="+")
         skip.add(first.name)
+    docs = {
+        d.arg_name: d.description for d in docstring_parser.parse(function.__doc__ or "").params
+    }
+    for param in params:
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            sub.add_argument(param.name, help=docs.get(param.name))
+            skip.add(param.name)
     sub.add_function_arguments(function, None, skip=skip)
     return sub
 
@@ -109,15 +121,21 @@ def build_parser() -> ArgumentParser:
     subcommands = parser.add_subcommands()
     subcommands.add_subcommand("train", run_config_parser(), help="train a model from a recipe")
     subcommands.add_subcommand(
+        "finetune",
+        run_config_parser("baobab finetune"),
+        help="fine-tune the model in --model.init DIR (LoRA adapters with --lora.rank R)",
+    )
+    subcommands.add_subcommand(
         "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
     )
     for name, target in COMMANDS.items():
         if isinstance(target, dict):
             group = ArgumentParser()
+            # jsonargparse wants the group attached before its own subcommands are added.
+            subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(target)}")
             inner = group.add_subcommands(dest="action")
             for action, function in target.items():
                 inner.add_subcommand(action, _function_parser(function), help=_summary(function))
-            subcommands.add_subcommand(name, group, help=f"{name}: {', '.join(target)}")
         else:
             subcommands.add_subcommand(name, _function_parser(target), help=_summary(target))
     return parser
@@ -129,27 +147,31 @@ def _call(target: Callable[..., Any] | dict[str, Callable[..., Any]], ns: Namesp
     if isinstance(target, dict):
         action = ns.pop("action")
         return _call(target[action], ns[action])
-    target(**vars(ns))
+    params = inspect.signature(target).parameters.values()
+    args = [ns.pop(p.name) for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
+    target(*args, **vars(ns))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
-        if argv[:1] == ["train"] and not launch.in_worker():
+        if argv[:1] in (["train"], ["finetune"]) and not launch.in_worker():
             launch_args, argv = launch.split_launch_args(argv)
             if launch_args:
-                # Refuse bad flags, values and layouts before starting any worker.
-                cfg = _to_run_config(run_config_parser(), parser.parse_args(argv)["train"])
+                # Refuse bad flags, values and layouts before starting any worker (a
+                # model.init directory is read by the workers themselves).
+                cfg = _to_run_config(run_config_parser(), parser.parse_args(argv)[argv[0]])
                 world = launch.world_size(launch_args)
-                if world is not None:
+                if world is not None and cfg.model.init is None:
                     model_cfg = models.get_config(cfg.model.name, **cfg.model.overrides)
                     cfg.parallel.validate(world, model_cfg)
                 return launch.launch(launch_args, argv)
         ns = parser.parse_args(argv)
         name = ns.subcommand
-        if name == "train":
-            commands.train(_to_run_config(run_config_parser(), ns[name]))
+        if name in ("train", "finetune"):
+            command = commands.train if name == "train" else commands.finetune
+            command(_to_run_config(run_config_parser(), ns[name]))
         elif name == "prepare":
             commands.prepare(_instantiate(prepare_parser(), ns[name], PrepareConfig))
         else:

@@ -42,6 +42,16 @@ def train(cfg: RunConfig) -> TrainResult:
     return result
 
 
+def finetune(cfg: RunConfig) -> TrainResult:
+    """Fine-tune the model in ``model.init`` (fully, or only LoRA adapters with ``lora``)."""
+    if not cfg.model.init:
+        raise ValueError(
+            "baobab finetune needs --model.init: an export, checkpoint, run or Hugging Face "
+            "model directory to start from"
+        )
+    return train(cfg)
+
+
 def evaluate(checkpoint: str, batches: int = 0) -> dict[str, float]:
     """Evaluate a checkpoint on its run's validation data.
 
@@ -84,10 +94,11 @@ def generate(
     top_p: float = 0.95,
     seed: int = 0,
 ) -> str:
-    """Sample a continuation of a prompt from a language-model checkpoint.
+    """Sample a continuation of a prompt from a language model.
 
     Args:
-        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
+        checkpoint: a checkpoint or run directory (its newest checkpoint), a baobab export
+            or a Hugging Face directory.
         prompt: the text to continue.
         max_tokens: at most this many new tokens.
         temperature: 0 is greedy; higher is more random.
@@ -99,13 +110,17 @@ def generate(
         raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
-    ckpt = resolve_checkpoint(checkpoint)
-    model, meta = load_trained_model(ckpt)
-    if meta.get("objective") != "causal_lm":
+    from baobab.export.open import open_model
+
+    opened = open_model(checkpoint)
+    model = opened.model
+    if models.task_of(model.cfg) != "causal_lm":
         raise ValueError(
-            f"'{ckpt}' holds a {meta['model']['family']} model, which does not generate text"
+            f"'{checkpoint}' holds a {opened.described['family']} model, which does not generate text"
         )
-    tokenizer = bdata.Tokenizer.load(ckpt / "tokenizer.json")
+    if opened.tokenizer_file is None:
+        raise ValueError(f"'{checkpoint}' has no tokenizer.json to encode the prompt with")
+    tokenizer = bdata.Tokenizer.load(opened.tokenizer_file)
     ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
     new = sample_tokens(
         model,
@@ -163,6 +178,63 @@ def quantize(
         export_dir, out, bits, group_size, symmetric=symmetric, overwrite=overwrite
     )
     print(f"wrote {path}")
+    return path
+
+
+def hf_export(
+    source: str,
+    /,
+    out: str,
+    dtype: str | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a gpt model as a Hugging Face Llama or GPT-2 directory, whichever its variant is.
+
+    Args:
+        source: a baobab export directory, a checkpoint, or a run directory (its newest
+            checkpoint).
+        out: the Hugging Face directory to write (transformers' from_pretrained loads it).
+        dtype: cast the weights: float32, bfloat16 or float16 (default: as stored).
+        tokenizer: a tokenizer.json to ship instead of the one stored with the model.
+        overwrite: replace an existing directory at ``out``.
+    """
+    import json
+
+    from baobab.export import export_hf
+
+    path = export_hf(source, out, tokenizer_file=tokenizer, dtype=dtype, overwrite=overwrite)
+    arch = json.loads((path / "config.json").read_text())["architectures"][0]
+    print(f"wrote {path} ({arch})")
+    return path
+
+
+def hf_import(hf_dir: str, /, out: str, dtype: str | None = None, overwrite: bool = False) -> Path:
+    """Write a local Hugging Face model directory as a baobab export directory.
+
+    Args:
+        hf_dir: a LlamaForCausalLM, GPT2LMHeadModel, BertForMaskedLM or BertModel directory
+            with config.json and *.safetensors weights (pickled .bin weights are refused).
+        out: the export directory to write (load_exported and serving read it).
+        dtype: cast the weights: float32, bfloat16 or float16 (default: as stored).
+        overwrite: replace an existing directory at ``out``.
+    """
+    from baobab.export import import_hf, save_exported
+    from baobab.export.artifact import parse_dtype
+    from baobab.export.atomic import refuse_to_overwrite
+
+    torch_dtype = parse_dtype(dtype)
+    refuse_to_overwrite(Path(out), overwrite)  # before reading any weights
+    model, meta = import_hf(hf_dir, torch_dtype)
+    objective = models.task_of(model.cfg)
+    path = save_exported(
+        model, out, meta["model"], objective, tokenizer_file=meta["tokenizer"], overwrite=overwrite
+    )
+    print(f"wrote {path} ({meta['architecture']} as a baobab {meta['model']['family']} model)")
+    if meta["missing"]:
+        print(
+            f"note: '{hf_dir}' has no {', '.join(meta['missing'])}; they keep their initial values"
+        )
     return path
 
 

@@ -4,12 +4,14 @@
 ``model.safetensors``, optionally cast to another dtype; :func:`load_exported` rebuilds the
 model from it with no pickle and no torch.distributed. This is the artefact to hand to
 others: unlike a training checkpoint, it is safe to load from an untrusted source.
-:func:`export_hf` writes a ``gpt`` model as a Hugging Face Llama directory and
-:func:`import_hf` reads local Llama, GPT-2 and BERT directories (safetensors) into baobab. Weight-only int8/int4 copies (config.json has "quantization")
-load with :func:`load_quantized`, not :func:`load_exported`.
+:func:`export_hf` writes a ``gpt`` model as a Hugging Face Llama or GPT-2 directory (by
+its variant) and :func:`import_hf` reads local Llama, GPT-2 and BERT directories
+(safetensors) into baobab; :func:`save_exported` writes any model as an export directory.
+Weight-only int8/int4 copies (config.json has "quantization") load with
+:func:`load_quantized`, not :func:`load_exported`.
 """
 
-from baobab.export.artifact import load_exported, read_config
+from baobab.export.artifact import load_exported, read_config, save_exported
 from baobab.export.consolidate import export_checkpoint
 from baobab.export.hf_export import export_hf
 from baobab.export.hf_import import import_hf
@@ -26,5 +28,6 @@ __all__ = [
     "quantize_export",
     "quantize_model",
     "read_config",
+    "save_exported",
     "save_quantized",
 ]

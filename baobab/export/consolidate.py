@@ -7,21 +7,10 @@ or untouched.
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
-from safetensors.torch import save_model
-
-import baobab
-from baobab.export.artifact import (
-    CONFIG_FILE,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    dtype_name,
-    parse_dtype,
-)
-from baobab.export.atomic import atomic_directory, refuse_to_overwrite
+from baobab.export.artifact import TOKENIZER_FILE, parse_dtype, save_exported
+from baobab.export.atomic import refuse_to_overwrite
 
 
 def export_checkpoint(
@@ -50,17 +39,13 @@ def export_checkpoint(
     model, meta = load_trained_model(ckpt)
     if torch_dtype is not None:
         model.to(torch_dtype)
-    weights_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    config = {
-        "baobab_version": baobab.__version__,
-        "model": {k: meta["model"].get(k) for k in ("name", "family", "config")},
-        "objective": meta.get("objective"),
-        "step": meta.get("step"),
-        "dtype": dtype_name(weights_dtype) if weights_dtype is not None else None,
-    }
-    with atomic_directory(out, overwrite) as tmp:
-        save_model(model, str(tmp / MODEL_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        if (ckpt / TOKENIZER_FILE).is_file():
-            shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-    return out
+    tok = ckpt / TOKENIZER_FILE
+    return save_exported(
+        model,
+        out,
+        meta["model"],
+        meta.get("objective"),
+        meta.get("step"),
+        tok if tok.is_file() else None,
+        overwrite,
+    )

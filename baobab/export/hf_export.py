@@ -1,16 +1,18 @@
-"""Export a baobab ``gpt`` as a Hugging Face ``LlamaForCausalLM`` directory.
+"""Export a baobab ``gpt`` as a Hugging Face causal-LM directory, in the format its variant has.
 
-The directory ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads::
+The Llama variant (the default) becomes ``LlamaForCausalLM`` (hf_llama.py), the GPT-2
+variant (layernorm, gelu, learned positions, biases) ``GPT2LMHeadModel`` (hf_gpt2.py); a
+mix neither holds is refused. The directory ``transformers.AutoModelForCausalLM
+.from_pretrained(out)`` loads::
 
-    config.json              LlamaConfig (architectures, shapes, rope, eps, tying, dtype)
+    config.json              architecture, shapes, options, tying, dtype, bos/eos ids
     model.safetensors        weights under HF parameter names (a tied head stored once)
-    generation_config.json   bos/eos ids
+    generation_config.json   bos/eos/pad ids
     tokenizer.json           when a tokenizer is given, with tokenizer_config.json
     tokenizer_config.json    PreTrainedTokenizerFast, bos/eos/pad tokens
 
-baobab's RoPE already uses HF's rotate_half convention, so wq/wk are copied unpermuted
-(proven by the logits parity tests). Written atomically: ``out`` is either complete or
-untouched. transformers is not needed to write it.
+Written atomically: ``out`` is either complete or untouched. transformers is not needed
+to write it.
 """
 
 from __future__ import annotations
@@ -25,79 +27,31 @@ from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, dtype_name, parse_dtype
 from baobab.export.atomic import atomic_directory, refuse_to_overwrite
-from baobab.export.hf_import import LLAMA_LAYER_NAMES
+from baobab.export.hf_common import GPTFormat
+from baobab.export.hf_import import GPT_FORMATS
 
 GENERATION_FILE, TOKENIZER_CONFIG_FILE = "generation_config.json", "tokenizer_config.json"
-LLAMA_ARCH = dict(norm="rmsnorm", mlp="swiglu", position="rope", bias=False)
 
 
-def llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """baobab gpt parameters renamed to HF Llama's (no lm_head.weight when tied)."""
-    cfg = model.cfg
-    sd: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": model.tok_embeddings.weight,
-        "model.norm.weight": model.norm.weight,
-    }
-    if not cfg.tie_embeddings:
-        sd["lm_head.weight"] = model.output.weight
-    names = LLAMA_LAYER_NAMES
-    for i, layer in model.layers.items():
-        for ours, theirs in names.items():
-            sd[f"model.layers.{i}.{theirs}.weight"] = layer.get_submodule(ours).weight
-    return {k: v.detach().contiguous() for k, v in sd.items()}
-
-
-def llama_config(
-    cfg: Any, dtype: torch.dtype, bos_id: int | None, eos_id: int | None
-) -> dict[str, Any]:
-    """The config.json of ``LlamaForCausalLM`` for a baobab GPTConfig."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layer,
-        "num_attention_heads": cfg.n_head,
-        "num_key_value_heads": cfg.n_kv_head,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rope_theta": cfg.rope_theta,
-        # transformers >= 5 reads rope_parameters; older versions read rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "initializer_range": 0.02,
-        "torch_dtype": dtype_name(dtype),
-        "dtype": dtype_name(dtype),
-        "bos_token_id": bos_id,
-        "eos_token_id": eos_id,
-        "use_cache": True,
-    }
-
-
-def _load(model_or_checkpoint: nn.Module | str | Path) -> tuple[nn.Module, Path | None]:
-    """The model, and the tokenizer.json stored beside it (None when there is none)."""
-    if isinstance(model_or_checkpoint, nn.Module):
-        return model_or_checkpoint, None
-    path = Path(model_or_checkpoint)
-    if (path / CONFIG_FILE).is_file() and (path / MODEL_FILE).is_file():  # a baobab export
-        from baobab.export.artifact import load_exported
-
-        model, _ = load_exported(path)
-        tok = path / TOKENIZER_FILE
-    else:
-        # Imported here: only checkpoint exports need torch.distributed.checkpoint.
-        from baobab.checkpoint import load_trained_model, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(path)
-        model, _ = load_trained_model(ckpt)
-        tok = ckpt / TOKENIZER_FILE
-    return model, tok if tok.is_file() else None
+def hf_format(model: nn.Module) -> GPTFormat:
+    """The Hugging Face format of a baobab gpt, chosen by its config (see the module docstring)."""
+    cfg = getattr(model, "cfg", None)
+    if type(cfg).__name__ != "GPTConfig":
+        raise ValueError(
+            f"export_hf writes Hugging Face causal LMs and needs a baobab 'gpt' model; "
+            f"got {type(model).__name__}."
+        )
+    misses = {arch: fmt.mismatches(cfg) for arch, fmt in GPT_FORMATS.items()}
+    for arch, missing in misses.items():
+        if not missing:
+            return GPT_FORMATS[arch]
+    keys = dict.fromkeys(k for missing in misses.values() for k in missing)
+    has = ", ".join(f"{k}={getattr(cfg, k)!r}" for k in keys)
+    needs = " and ".join(
+        f"{arch} needs " + ", ".join(f"{k}={want!r}" for k, (_, want) in missing.items())
+        for arch, missing in misses.items()
+    )
+    raise ValueError(f"export_hf has no Hugging Face format for a gpt with {has}: {needs}.")
 
 
 def _tokenizer_files(tokenizer_file: Any, max_len: int) -> tuple[str, dict[str, Any], int, int]:
@@ -127,46 +81,52 @@ def export_hf(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``out/`` as a Hugging Face Llama directory (see the module docstring).
+    """Write ``out/`` as a Hugging Face Llama or GPT-2 directory (see the module docstring).
 
     Args:
-        model_or_checkpoint: a baobab ``gpt`` module with the Llama architecture, a training
-            checkpoint or run directory, or a baobab export directory.
+        model_or_checkpoint: a baobab ``gpt`` module, or a directory ``open_model`` reads:
+            a baobab export, a training checkpoint or run directory (or an HF directory).
         out: the output directory; an existing non-empty one is replaced only with
             ``overwrite``.
         tokenizer_file: a tokenizer.json path or ``baobab.data.Tokenizer``; unset, the one
-            stored with the checkpoint or export (if any) is used.
+            stored with the model directory (if any) is used.
         dtype: cast floating weights to "float32", "bfloat16" or "float16" (unset: keep).
         overwrite: replace an existing directory at ``out``.
     """
     torch_dtype = parse_dtype(dtype)
     out = Path(out)
     refuse_to_overwrite(out, overwrite)  # before any loading
-    model, stored_tok = _load(model_or_checkpoint)
-    cfg = getattr(model, "cfg", None)
-    if type(cfg).__name__ != "GPTConfig":
-        raise ValueError(
-            f"export_hf writes LlamaForCausalLM and needs a baobab 'gpt' model; "
-            f"got {type(model).__name__}."
-        )
-    arch = {k: getattr(cfg, k) for k in LLAMA_ARCH}
-    if arch != LLAMA_ARCH:
-        raise ValueError(
-            f"export_hf writes LlamaForCausalLM and needs the Llama architecture {LLAMA_ARCH}; "
-            f"the model has {arch}."
-        )
-    weights = llama_state_dict(model)
+    if isinstance(model_or_checkpoint, nn.Module):
+        model, stored_tok = model_or_checkpoint, None
+    else:
+        from baobab.export.open import open_model
+
+        opened = open_model(model_or_checkpoint)
+        model, stored_tok = opened.model, opened.tokenizer_file
+    fmt = hf_format(model)
+    cfg = model.cfg
+    weights = {k: v.detach() for k, v in fmt.to_hf(model).items()}
     if torch_dtype is not None:
         weights = {k: v.to(torch_dtype) for k, v in weights.items()}
-    weights = {k: v.to("cpu").clone() for k, v in weights.items()}  # no shared storage
-    weights_dtype = weights["model.embed_tokens.weight"].dtype
+    # Contiguous CPU copies: no shared storage (safetensors refuses it), no transposed views.
+    weights = {
+        k: v.to("cpu").clone(memory_format=torch.contiguous_format) for k, v in weights.items()
+    }
+    weights_dtype = next(iter(weights.values())).dtype
 
     tokenizer_file = tokenizer_file if tokenizer_file is not None else stored_tok
     tok_json, tok_config, bos_id, eos_id, pad_id = None, None, None, None, None
     if tokenizer_file is not None:
         tok_json, tok_config, eot, pad_id = _tokenizer_files(tokenizer_file, cfg.max_seq_len)
         bos_id = eos_id = eot
-    config = llama_config(cfg, weights_dtype, bos_id, eos_id)
+    config = {
+        **fmt.hf_config(cfg),
+        "torch_dtype": dtype_name(weights_dtype),
+        "dtype": dtype_name(weights_dtype),  # transformers >= 5 reads dtype
+        "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
+        "use_cache": True,
+    }
     if pad_id is not None:
         config["pad_token_id"] = pad_id
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}

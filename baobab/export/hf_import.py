@@ -3,13 +3,12 @@
 Reads ``config.json`` and the ``*.safetensors`` weights (one file, or shards listed in
 ``model.safetensors.index.json``); pickled ``pytorch_model.bin`` files are never opened.
 
-    LlamaForCausalLM                     -> gpt (Llama architecture)
+    LlamaForCausalLM                     -> gpt (Llama architecture), see hf_llama.py
     GPT2LMHeadModel                      -> gpt (norm="layernorm", mlp="gelu",
-                                                 position="learned", bias=True)
+                                                 position="learned", bias=True), see hf_gpt2.py
     BertForMaskedLM, BertModel           -> bert (BertModel: the MLM head stays at its init)
 
-HF GPT-2 stores its projections as ``Conv1D`` weights of shape (in, out): they are
-transposed into ``nn.Linear`` (out, in), and the fused ``c_attn`` is split into wq, wk, wv.
+The causal-LM name tables live in their architecture's module and serve export too.
 """
 
 from __future__ import annotations
@@ -25,23 +24,13 @@ from safetensors import safe_open
 from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, TOKENIZER_FILE
+from baobab.export.hf_common import GPTFormat, Weights, need
+from baobab.export.hf_gpt2 import GPT2
+from baobab.export.hf_llama import LLAMA
 
 INDEX_FILE = "model.safetensors.index.json"
-Weights = dict[str, torch.Tensor]
-
-
-# baobab gpt block module -> Hugging Face Llama decoder-layer module (both directions).
-LLAMA_LAYER_NAMES = {
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
+# Hugging Face causal-LM architecture -> the gpt variant it maps to, both directions.
+GPT_FORMATS: dict[str, GPTFormat] = {f.architecture: f for f in (LLAMA, GPT2)}
 
 
 def read_safetensors(path: Path) -> Weights:
@@ -67,113 +56,10 @@ def read_safetensors(path: Path) -> Weights:
     return weights
 
 
-def _need(hf: dict[str, Any], key: str, allowed: Any, arch: str) -> None:
-    value = hf.get(key, allowed[0])
-    if value not in allowed:
-        raise ValueError(
-            f"{arch} config {key}={value!r} is not supported; baobab supports {allowed!r}."
-        )
-
-
-def _rope_theta(hf: dict[str, Any]) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for rope in (params, scaling):
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ValueError(
-                f"LlamaForCausalLM rope_type={kind!r} is not supported; baobab supports 'default'."
-            )
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def _llama(hf: dict[str, Any], w: Weights) -> tuple[str, dict[str, Any], Weights]:
-    arch = "LlamaForCausalLM"
-    _need(hf, "hidden_act", ["silu"], arch)
-    _need(hf, "attention_bias", [False], arch)
-    _need(hf, "mlp_bias", [False], arch)
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    _need(hf, "head_dim", [d // heads, None], arch)
-    tied = bool(hf.get("tie_word_embeddings", False)) or "lm_head.weight" not in w
-    cfg = dict(
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["num_hidden_layers"],
-        n_head=heads,
-        n_kv_head=hf.get("num_key_value_heads") or heads,
-        d_model=d,
-        ffn_hidden=hf["intermediate_size"],
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=_rope_theta(hf),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=tied,
-    )
-    sd = {
-        "tok_embeddings.weight": w["model.embed_tokens.weight"],
-        "norm.weight": w["model.norm.weight"],
-    }
-    sd["output.weight"] = w["model.embed_tokens.weight"] if tied else w["lm_head.weight"]
-    names = LLAMA_LAYER_NAMES
-    for i in range(cfg["n_layer"]):
-        for ours, theirs in names.items():
-            sd[f"layers.{i}.{ours}.weight"] = w[f"model.layers.{i}.{theirs}.weight"]
-    return "gpt", cfg, sd
-
-
-def _gpt2(hf: dict[str, Any], w: Weights) -> tuple[str, dict[str, Any], Weights]:
-    arch = "GPT2LMHeadModel"
-    _need(hf, "activation_function", ["gelu_new", "gelu_pytorch_tanh"], arch)
-    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
-        _need(hf, flag, [False], arch)
-    _need(hf, "scale_attn_weights", [True], arch)
-    w = {k.removeprefix("transformer."): v for k, v in w.items()}
-    d = hf["n_embd"]
-    tied = bool(hf.get("tie_word_embeddings", True)) or "lm_head.weight" not in w
-    cfg = dict(
-        vocab_size=hf["vocab_size"],
-        n_layer=hf["n_layer"],
-        n_head=hf["n_head"],
-        n_kv_head=hf["n_head"],
-        d_model=d,
-        ffn_hidden=hf.get("n_inner") or 4 * d,
-        max_seq_len=hf.get("n_positions", 1024),
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=tied,
-        norm="layernorm",
-        mlp="gelu",
-        position="learned",
-        bias=True,
-    )
-    sd = {
-        "tok_embeddings.weight": w["wte.weight"],
-        "pos_embeddings.weight": w["wpe.weight"],
-        "norm.weight": w["ln_f.weight"],
-        "norm.bias": w["ln_f.bias"],
-        "output.weight": w["wte.weight"] if tied else w["lm_head.weight"],
-    }
-    for i in range(cfg["n_layer"]):
-        p, q = f"h.{i}.", f"layers.{i}."
-        # Conv1D weights are (in, out): transpose to nn.Linear's (out, in).
-        qkv_w = w[p + "attn.c_attn.weight"].t().chunk(3, dim=0)  # 3 x (C, C)
-        qkv_b = w[p + "attn.c_attn.bias"].chunk(3, dim=0)  # 3 x (C,)
-        for name, wt, b in zip(("wq", "wk", "wv"), qkv_w, qkv_b, strict=True):
-            sd[q + f"attention.{name}.weight"], sd[q + f"attention.{name}.bias"] = wt, b
-        for ours, theirs in {
-            "attention.wo": "attn.c_proj",
-            "feed_forward.w1": "mlp.c_fc",
-            "feed_forward.w2": "mlp.c_proj",
-        }.items():
-            sd[q + ours + ".weight"] = w[p + theirs + ".weight"].t()
-            sd[q + ours + ".bias"] = w[p + theirs + ".bias"]
-        for ours, theirs in {"attention_norm": "ln_1", "ffn_norm": "ln_2"}.items():
-            sd[q + ours + ".weight"] = w[p + theirs + ".weight"]
-            sd[q + ours + ".bias"] = w[p + theirs + ".bias"]
-    return "gpt", cfg, sd
-
-
 def _bert(hf: dict[str, Any], w: Weights) -> tuple[str, dict[str, Any], Weights]:
     arch = "BertForMaskedLM"
-    _need(hf, "hidden_act", ["gelu"], arch)
-    _need(hf, "position_embedding_type", ["absolute"], arch)
+    need(hf, "hidden_act", ["gelu"], arch)
+    need(hf, "position_embedding_type", ["absolute"], arch)
     w = {k.removeprefix("bert."): v for k, v in w.items()}
     cfg = dict(
         vocab_size=hf["vocab_size"],
@@ -224,9 +110,16 @@ def _bert(hf: dict[str, Any], w: Weights) -> tuple[str, dict[str, Any], Weights]
     return "bert", cfg, sd
 
 
-CONVERTERS: dict[str, Callable[[dict[str, Any], Weights], tuple[str, dict[str, Any], Weights]]] = {
-    "LlamaForCausalLM": _llama,
-    "GPT2LMHeadModel": _gpt2,
+Converter = Callable[[dict[str, Any], Weights], tuple[str, dict[str, Any], Weights]]
+
+
+def _gpt(fmt: GPTFormat) -> Converter:
+    return lambda hf, w: ("gpt", *fmt.from_hf(hf, w))
+
+
+# config.json architecture -> (config.json, tensors) -> (family, config values, state dict).
+CONVERTERS: dict[str, Converter] = {
+    **{arch: _gpt(fmt) for arch, fmt in GPT_FORMATS.items()},
     "BertForMaskedLM": _bert,
     "BertModel": _bert,
 }
@@ -245,6 +138,8 @@ def import_hf(
     from baobab import models
 
     path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Hugging Face model directory '{path}' does not exist.")
     if not (path / CONFIG_FILE).is_file():
         raise ValueError(f"'{path}' is not a Hugging Face model directory: it has no config.json.")
     hf = json.loads((path / CONFIG_FILE).read_text())

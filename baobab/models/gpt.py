@@ -293,7 +293,10 @@ class GPT(nn.Module):
             )
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, C)
         if self.pos_embeddings is not None and self.tok_embeddings is not None:
-            h = h + self.pos_embeddings.weight[:seq_len]  # (T, C) broadcast over B
+            # A module call, not a weight slice, so a tensor-parallel plan can lay the
+            # lookup out like the residual stream (its sequence slice under SP).
+            positions = torch.arange(seq_len, device=idx.device)[None]  # (1, T)
+            h = h + self.pos_embeddings(positions)  # (1, T, C) broadcast over B
         h = self.dropout(h)
         cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, D)
         for layer in self.layers.values():

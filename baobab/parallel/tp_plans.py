@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_module
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
@@ -36,13 +36,19 @@ class ReplicateParallel(ParallelStyle):
     Used for the small modules a plan does not split (norms without sequence parallelism,
     bert's position embeddings and MLM dense layer), so that every parameter of a
     tensor-parallel model is a DTensor: torch's foreach/fused optimizers refuse a mix of
-    DTensors and plain tensors ("got mixed torch.Tensor and DTensor"). Plain tensor inputs are taken as Replicate (every tp
-    rank holds the same activation); outputs become local tensors unless
-    ``use_local_output=False``. Gradients come out Replicate, identical on every rank.
+    DTensors and plain tensors ("got mixed torch.Tensor and DTensor"). Plain tensor inputs
+    are taken as Replicate (every tp rank holds the same activation); outputs become local
+    tensors unless ``use_local_output=False``. ``output_layout=Shard(1)`` keeps each rank's
+    sequence slice of the output (a local slice, no communication; backward all-gathers the
+    gradient), as gpt's learned positions need under sequence parallelism. Gradients of
+    the parameters come out Replicate, identical on every rank.
     """
 
-    def __init__(self, *, use_local_output: bool = True) -> None:
+    def __init__(
+        self, *, output_layout: Placement | None = None, use_local_output: bool = True
+    ) -> None:
         super().__init__()
+        self.output_layout = output_layout
         self.use_local_output = use_local_output
 
     @staticmethod
@@ -55,6 +61,8 @@ class ReplicateParallel(ParallelStyle):
         )
 
     def _output(self, module: nn.Module, output: Any, mesh: DeviceMesh) -> Any:
+        if self.output_layout is not None and isinstance(output, DTensor):
+            output = output.redistribute(mesh, (self.output_layout,))
         if self.use_local_output and isinstance(output, DTensor):
             return output.to_local()
         return output
@@ -65,15 +73,30 @@ class ReplicateParallel(ParallelStyle):
 
 
 def gpt_plan(model_cfg: Any, sequence_parallel: bool) -> Plan:
-    """torchtitan's Llama plan. Heads and SwiGLU units are split column-wise, then summed
-    row-wise; under sequence parallelism the residual stream stays Shard(1) between blocks,
-    norms run on their sequence slice, and each block input is all-gathered once.
+    """torchtitan's Llama plan, derived from the config so the GPT-2 variant fits it too.
+
+    Heads and MLP units are split column-wise, then summed row-wise; under sequence
+    parallelism the residual stream stays Shard(1) between blocks, norms run on their
+    sequence slice, and each block input is all-gathered once.
 
     Attention reshapes with -1 heads, so each rank runs n_head / tp query heads against
     n_kv_head / tp kv heads: query head j of a rank maps to its kv head j // (H / Hkv),
     the same grouping as the full model.
+
+    The GPT-2 variant (``bias``, ``mlp="gelu"``, ``norm="layernorm"``,
+    ``position="learned"``) changes only entries, not the flow: column-wise layers shard
+    their bias with their output units; row-wise layers keep theirs Replicate and add it
+    once, after the reduction of the partial sums; LayerNorm weight and bias are
+    replicated like RMSNorm's weight; the gelu MLP has no w3; the (max_seq_len, C) position
+    table is replicated and its (1, T, C) lookup laid out like the residual stream.
     """
     residual = Shard(1) if sequence_parallel else Replicate()
+    feed_forward: Plan = {
+        "w1": ColwiseParallel(),  # SwiGLU gate, or GELU up projection
+        "w2": RowwiseParallel(output_layouts=residual),
+    }
+    if model_cfg.mlp == "swiglu":
+        feed_forward["w3"] = ColwiseParallel()  # SwiGLU up projection
     plan: Plan = {
         # Vocabulary rows sharded; the Partial lookup is reduce-scattered to the residual layout.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
@@ -90,10 +113,12 @@ def gpt_plan(model_cfg: Any, sequence_parallel: bool) -> Plan:
         "layers.*.feed_forward": PrepareModuleInput(
             input_layouts=(residual,), desired_input_layouts=(Replicate(),)
         ),
-        "layers.*.feed_forward.w1": ColwiseParallel(),
-        "layers.*.feed_forward.w3": ColwiseParallel(),
-        "layers.*.feed_forward.w2": RowwiseParallel(output_layouts=residual),
+        **{f"layers.*.feed_forward.{name}": style for name, style in feed_forward.items()},
     }
+    if model_cfg.position == "learned":
+        # (1, T, C) lookup of positions 0..T-1: under sequence parallelism each rank keeps
+        # the slice matching its Shard(1) token embeddings (B, T / tp, C).
+        plan["pos_embeddings"] = ReplicateParallel(output_layout=residual)
     # Norms run on their sequence slice (SP) or whole on every rank (Replicate residual).
     norm = SequenceParallel if sequence_parallel else ReplicateParallel
     for path in ("norm", "layers.*.attention_norm", "layers.*.ffn_norm"):

@@ -1,13 +1,20 @@
-"""Hugging Face GPT-2 and BERT import: same logits as transformers within 1e-4."""
+"""Hugging Face GPT-2 export and import, BERT import: same logits as transformers within 1e-4."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
-from baobab.export.hf_import import import_hf  # noqa: E402
+from baobab.data import byte_tokenizer  # noqa: E402
+from baobab.export.hf_export import export_hf  # noqa: E402
+from baobab.export.hf_import import import_hf, read_safetensors  # noqa: E402
+from baobab.models import build_model  # noqa: E402
+
+GPT2_VARIANT = dict(norm="layernorm", mlp="gelu", position="learned", bias=True)
 
 
 def _perturbed(model):
@@ -36,6 +43,50 @@ def test_gpt2_import_matches_transformers_logits(tmp_path, tie):
     x = torch.randint(0, 100, (2, 24))
     with torch.no_grad():
         torch.testing.assert_close(model(x), hf(x).logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_gpt2_variant_exports_as_gpt2_transformers_loads(tmp_path, tie):
+    torch.manual_seed(5)
+    tok = byte_tokenizer()
+    model = _perturbed(
+        build_model("gpt", vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=4, d_model=32,
+                    ffn_hidden=80, max_seq_len=40, norm_eps=1e-6, tie_embeddings=tie, **GPT2_VARIANT)
+    )  # fmt: skip
+    out = export_hf(model, tmp_path / "hf", tokenizer_file=tok)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"] and config["model_type"] == "gpt2"
+    assert (config["n_embd"], config["n_layer"], config["n_head"]) == (32, 2, 4)
+    assert (config["n_positions"], config["n_inner"], config["layer_norm_epsilon"]) == (
+        40,
+        80,
+        1e-6,
+    )
+    assert config["activation_function"] == "gelu_new" and config["tie_word_embeddings"] is tie
+    assert config["eos_token_id"] == tok.eot_id
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == tok.eot_id
+    stored = read_safetensors(out)
+    assert stored["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)  # Conv1D (in, 3 out)
+    assert ("lm_head.weight" in stored) is not tie
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    x = torch.randint(0, tok.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-4)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.encode("héllo\tworld") == tok.encode("héllo\tworld")
+
+
+def test_gpt2_import_then_export_gives_back_the_same_tensors(tmp_path):
+    torch.manual_seed(6)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    _perturbed(transformers.GPT2LMHeadModel(cfg)).save_pretrained(tmp_path / "gpt2")
+    model, _ = import_hf(tmp_path / "gpt2")
+    export_hf(model, tmp_path / "again")
+    original, again = read_safetensors(tmp_path / "gpt2"), read_safetensors(tmp_path / "again")
+    assert set(again) == set(original)
+    for name, tensor in original.items():
+        torch.testing.assert_close(again[name], tensor, rtol=0, atol=0, msg=name)
 
 
 def test_sharded_safetensors_load(tmp_path):

@@ -77,7 +77,7 @@ def test_export_writes_a_tokenizer_transformers_loads(tmp_path):
     assert hf_tok.decode(tok.encode(text)) == text
 
 
-def test_export_refuses_to_overwrite_and_non_llama_models(tmp_path):
+def test_export_refuses_to_overwrite_and_mixed_variants(tmp_path):
     model = build_model("gpt", **TINY)
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("x")
@@ -86,10 +86,17 @@ def test_export_refuses_to_overwrite_and_non_llama_models(tmp_path):
     assert (tmp_path / "hf" / "keep.txt").is_file()
     export_hf(model, tmp_path / "hf", overwrite=True)
     assert not (tmp_path / "hf" / "keep.txt").exists()
-    gpt2 = build_model("gpt", **TINY, norm="layernorm", mlp="gelu", position="learned", bias=True)
-    with pytest.raises(ValueError, match="needs the Llama architecture"):
-        export_hf(gpt2, tmp_path / "other")
+    mixed = build_model("gpt", **TINY, norm="layernorm", position="learned", bias=True)
+    with pytest.raises(ValueError) as info:  # LayerNorm with SwiGLU: neither Llama nor GPT-2
+        export_hf(mixed, tmp_path / "other")
+    assert str(info.value) == (
+        "export_hf has no Hugging Face format for a gpt with norm='layernorm', position='learned', "
+        "bias=True, mlp='swiglu', n_kv_head=2: LlamaForCausalLM needs norm='rmsnorm', "
+        "position='rope', bias=False and GPT2LMHeadModel needs mlp='gelu', n_kv_head=4."
+    )
     assert not (tmp_path / "other").exists()
+    with pytest.raises(ValueError, match="needs a baobab 'gpt' model; got Bert"):
+        export_hf(build_model("bert-tiny"), tmp_path / "other")
 
 
 def test_import_refuses_unsupported_architectures_and_pickles(tmp_path):

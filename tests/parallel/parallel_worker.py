@@ -39,6 +39,13 @@ STEPS, GLOBAL_BATCH, SEQ, LR, CLIP = 3, 8, 16, 1e-4, 1.0
 _GPT = ("gpt-nano", {"max_seq_len": 32})
 _GPT_UNTIED = ("gpt-nano", {"max_seq_len": 32, "n_layer": 4, "tie_embeddings": False})
 _BERT = ("bert-tiny", {"vocab_size": 512, "max_seq_len": 32})
+# The GPT-2 variant: biases, LayerNorm, tanh-GELU MLP, learned positions, n_kv_head = n_head.
+_GPT2_ARCH = dict(norm="layernorm", mlp="gelu", position="learned", bias=True, n_kv_head=4)
+_GPT2 = ("gpt-nano", {"max_seq_len": 32, **_GPT2_ARCH})
+_GPT2_UNTIED = (
+    "gpt-nano",
+    {"max_seq_len": 32, "n_layer": 4, "tie_embeddings": False, **_GPT2_ARCH},
+)
 
 # name -> (world size, (model name, overrides), ParallelConfig fields)
 LAYOUTS: dict[str, tuple[int, tuple[str, dict], dict]] = {
@@ -48,6 +55,8 @@ LAYOUTS: dict[str, tuple[int, tuple[str, dict], dict]] = {
     "tp2_gpt": (2, _GPT, {"tp": 2}),
     "tp2_gpt_nosp": (2, _GPT, {"tp": 2, "sequence_parallel": False}),
     "tp2_bert": (2, _BERT, {"tp": 2}),
+    "tp2_gpt2": (2, _GPT2, {"tp": 2}),
+    "tp2_gpt2_nosp": (2, _GPT2, {"tp": 2, "sequence_parallel": False}),
     "pp2_gpipe": (2, _GPT_UNTIED, {"pp": 2, "pp_schedule": "gpipe"}),
     "pp2_1f1b": (2, _GPT_UNTIED, {"pp": 2, "pp_schedule": "1f1b"}),
     "pp2_interleaved": (2, _GPT_UNTIED, {"pp": 2, "pp_schedule": "interleaved_1f1b"}),
@@ -58,6 +67,7 @@ LAYOUTS: dict[str, tuple[int, tuple[str, dict], dict]] = {
     "fsdp2_tp2": (4, _GPT, {"tp": 2}),
     "pp2_fsdp2": (4, _GPT_UNTIED, {"pp": 2, "pp_schedule": "1f1b"}),
     "pp2_tp2": (4, _GPT_UNTIED, {"pp": 2, "tp": 2, "pp_schedule": "1f1b"}),
+    "pp2_tp2_gpt2": (4, _GPT2_UNTIED, {"pp": 2, "tp": 2, "pp_schedule": "1f1b"}),
     "ddp2_tp2": (4, _GPT, {"dp_replicate": 2, "dp_shard": 1, "tp": 2}),
     "pp2_ddp2": (4, _GPT_UNTIED, {"pp": 2, "dp_replicate": 2, "dp_shard": 1}),
 }
@@ -82,35 +92,63 @@ def _optimizer(params) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=LR, weight_decay=0.1, foreach=True)
 
 
-def _reference(model, batches) -> tuple[list[float], list[float]]:
+def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Biases and norm shifts moved away from their zero init (models with biases only), so
+    a bias added on every tp rank instead of once changes the very first logits."""
+    if any(name.endswith(".bias") for name, _ in model.named_parameters()):
+        g = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _reference(model, batches) -> tuple[list[float], list[float], dict[str, torch.Tensor]]:
+    """Losses, clip norms and the first step's (unclipped) gradients of the full model."""
     opt = _optimizer(model.parameters())
-    losses, norms = [], []
+    losses, norms, grads = [], [], {}
     for x, y in batches:
         loss = _loss(model(x), y)
         loss.backward()
+        if not grads:
+            grads = {n: p.grad.clone() for n, p in model.named_parameters()}
         norms.append(clip_gradients(model.parameters(), CLIP, None).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses, norms
+    return losses, norms, grads
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a (possibly sharded) parameter or gradient; collective for DTensors."""
+    return t.full_tensor() if isinstance(t, DTensor) else t.detach()
 
 
 def run_layout(name: str) -> dict[str, float]:
     world, (model_name, overrides), fields = LAYOUTS[name]
     torch.manual_seed(0)
-    model = build_model(model_name, **overrides)
+    model = _perturbed(build_model(model_name, **overrides))
     ref = copy.deepcopy(model)
     batches = _batches(model.cfg)
-    ref_losses, ref_norms = _reference(ref, batches)
+    with torch.no_grad():
+        ref_logits = ref(batches[0][0])  # before training: the forward alone
+    ref_losses, ref_norms, ref_grads = _reference(ref, batches)
 
     cfg = ParallelConfig(**fields)
     mesh = build_mesh(cfg, "cpu")
     pm = parallelize(model, mesh, cfg, loss_fn=_loss)
     dp_rank, dp_size = dp_rank_and_size(mesh)
     opt = _optimizer([p for part in pm.parts for p in part.parameters()])
+    share = GLOBAL_BATCH // dp_size
+    logits_abs = None  # the output of a pipeline is a loss, not logits
+    if pm.schedule is None:
+        with torch.no_grad():
+            out = pm.parts[0](batches[0][0][dp_rank * share : (dp_rank + 1) * share])
+        want = ref_logits[dp_rank * share : (dp_rank + 1) * share]
+        logits_abs = (_full(out) - want).abs().max().item()
+        pm.reshard()  # ZeRO-2 keeps gathered parameters after a forward without backward
 
     def global_loss(x: torch.Tensor, y: torch.Tensor, train: bool) -> float:
-        share = GLOBAL_BATCH // dp_size
         xl, yl = (
             x[dp_rank * share : (dp_rank + 1) * share],
             y[dp_rank * share : (dp_rank + 1) * share],
@@ -128,9 +166,19 @@ def run_layout(name: str) -> dict[str, float]:
         dist.all_reduce(loss)
         return loss.item() / dp_size
 
-    losses, norms = [], []
+    # Relative to the largest gradient entry of the model: some entries are exactly zero in
+    # exact arithmetic (attention key biases: softmax ignores a per-query constant), so
+    # their own scale is rounding noise.
+    grad_scale = max(g.abs().max().item() for g in ref_grads.values())
+    losses, norms, grad_rel, worst_grad = [], [], 0.0, ""
     for x, y in batches:
         losses.append(global_loss(x, y, train=True))
+        if len(losses) == 1:  # first step, before clipping: the global-batch mean's gradients
+            for part in pm.parts:
+                for pname, p in part.named_parameters():
+                    diff = (_full(p.grad) - ref_grads[pname]).abs().max().item() / grad_scale
+                    if diff >= grad_rel:
+                        grad_rel, worst_grad = diff, pname
         norms.append(clip_grad_norm_parallel(pm.parts, CLIP, None, pm.pp_group).item())
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -149,8 +197,7 @@ def run_layout(name: str) -> dict[str, float]:
     param_abs, checked, worst = 0.0, 0, ""
     for part in pm.parts:
         for pname, p in part.named_parameters():  # names as in the full model
-            full = p.full_tensor() if isinstance(p, DTensor) else p.detach()
-            diff = (full - ref.get_parameter(pname)).abs().max().item()
+            diff = (_full(p) - ref.get_parameter(pname)).abs().max().item()
             if diff >= param_abs:
                 param_abs, worst = diff, pname
             checked += 1
@@ -163,6 +210,9 @@ def run_layout(name: str) -> dict[str, float]:
         "eval_loss": eval_loss,
         "ref_eval_loss": ref_eval,
         "param_abs": param_abs,
+        "logits_abs": logits_abs,
+        "grad_rel": grad_rel,
+        "worst_grad": worst_grad,
         "worst_param": worst,
         "param_names": sorted(n for part in pm.parts for n, _ in part.named_parameters()),
         "ref_param_names": sorted(n for n, _ in ref.named_parameters()),

@@ -188,6 +188,18 @@ def test_plans_are_data_and_follow_the_split() -> None:
     assert "mlm_head.decoder" in bert_kept and "layers.1.feed_forward.w2" in bert_kept
 
 
+def test_gpt_plan_follows_the_gpt2_variant() -> None:
+    # LayerNorm, GELU MLP (no w3), learned positions, biases; n_kv_head = n_head = 12.
+    gpt2 = get_config("gpt2", n_layer=2, vocab_size=512)
+    plan, llama_plan = TP_PLANS["gpt"](gpt2, True), TP_PLANS["gpt"](GPT, True)
+    assert "layers.*.feed_forward.w3" not in plan and "layers.*.feed_forward.w3" in llama_plan
+    assert "pos_embeddings" in plan and "pos_embeddings" not in llama_plan
+    model = build_model(gpt2, device="meta")
+    modules = dict(model.named_modules())
+    assert all(path in modules for path in plan_for_module(plan, model))
+    ParallelConfig(tp=2).validate(2, gpt2, seq_len=64)  # the GPT-2 variant is not refused
+
+
 def _parts_with_grads() -> list[nn.Module]:
     torch.manual_seed(0)
     parts = [nn.Linear(4, 8), nn.Linear(8, 2)]  # two "stages" of one model
