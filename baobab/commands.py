@@ -157,6 +157,7 @@ def export(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool 
 def quantize(
     export_dir: str,
     out: str,
+    /,
     bits: int = 8,
     group_size: int = 64,
     symmetric: bool = False,

@@ -170,7 +170,7 @@ def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
     exported, quantized = tmp_path / "export", tmp_path / "int8"
     assert main(["export", "--checkpoint", str(trained_run), "--out", str(exported)]) == 0
     assert (
-        main(["quantize", "--export_dir", str(exported), "--out", str(quantized), "--bits", "8"])
+        main(["quantize", str(exported), str(quantized), "--bits", "8"])
         == 0
     )
     model, _ = load_exported(exported)
@@ -182,5 +182,5 @@ def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
     capsys.readouterr()
     assert error_of(
         capsys,
-        ["quantize", "--export_dir", str(exported), "--out", str(tmp_path / "q3"), "--bits", "3"],
+        ["quantize", str(exported), str(tmp_path / "q3"), "--bits", "3"],
     )
