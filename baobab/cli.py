@@ -22,6 +22,7 @@ from baobab import commands, launch, models  # noqa: E402
 from baobab.data import PrepareConfig  # noqa: E402
 from baobab.recipes import recipe_path  # noqa: E402
 from baobab.serve.bench import bench_serve  # noqa: E402
+from baobab.serve.http_command import serve  # noqa: E402
 from baobab.train.config import RunConfig  # noqa: E402
 from baobab.train.trainer import TrainingError  # noqa: E402
 
@@ -86,6 +87,7 @@ COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "plot": commands.plot,
     "hf": {"export": commands.hf_export, "import": commands.hf_import},
     "bench": {"serve": bench_serve},
+    "serve": serve,
 }
 
 
@@ -152,8 +154,16 @@ def _call(target: Callable[..., Any] | dict[str, Callable[..., Any]], ns: Namesp
     target(*args, **vars(ns))
 
 
+def _underscored(arg: str) -> str:
+    """``--max-queue=4`` -> ``--max_queue=4``: flags may be spelled with - or _."""
+    if not arg.startswith("--"):
+        return arg
+    flag, sep, value = arg.partition("=")
+    return "--" + flag[2:].replace("-", "_") + sep + value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [_underscored(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     parser = build_parser()
     try:
         if argv[:1] in (["train"], ["finetune"]) and not launch.in_worker():

@@ -184,3 +184,9 @@ def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
         capsys,
         ["quantize", str(exported), str(tmp_path / "q3"), "--bits", "3"],
     )
+
+
+def test_flags_may_be_spelled_with_hyphens(capsys):
+    # --max-tokens reaches generate's max_tokens, which refuses 0 before any loading.
+    err = error_of(capsys, ["generate", "--checkpoint", "nowhere", "--max-tokens", "0"])
+    assert err == "error: max_tokens must be at least 1, got 0"
