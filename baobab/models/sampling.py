@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (as vLLM does)
+
 
 def sample_next(
     logits: torch.Tensor,
@@ -18,7 +20,7 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, V) -> (B,). temperature 0 is greedy."""
-    if temperature <= 0:
+    if temperature < GREEDY_BELOW:  # dividing by a tiny temperature overflows to inf
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -29,6 +31,7 @@ def sample_next(
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token once the mass before it already reaches top_p (the first always stays)
         drop_sorted = (cumulative - sorted_logits.softmax(-1)) >= top_p
+        drop_sorted[..., 0] = False  # even for top_p ~ 0 the most likely token stays
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)

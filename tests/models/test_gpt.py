@@ -185,3 +185,12 @@ def test_pipeline_style_split_keeps_names_and_runs() -> None:
 def test_get_config_carries_lm_fields() -> None:
     cfg = get_config("llama-8b")
     assert (cfg.vocab_size, cfg.max_seq_len, cfg.tie_embeddings) == (128256, 8192, False)
+
+
+def test_sampling_survives_extreme_temperature_and_top_p():
+    from baobab.models.sampling import sample_next
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    assert sample_next(logits, temperature=1e-30).tolist() == [1, 0]
+    assert sample_next(logits, top_p=5e-324, generator=generator).tolist() == [1, 0]
