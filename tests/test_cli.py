@@ -169,10 +169,7 @@ def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
 
     exported, quantized = tmp_path / "export", tmp_path / "int8"
     assert main(["export", "--checkpoint", str(trained_run), "--out", str(exported)]) == 0
-    assert (
-        main(["quantize", str(exported), str(quantized), "--bits", "8"])
-        == 0
-    )
+    assert main(["quantize", str(exported), str(quantized), "--bits", "8"]) == 0
     model, _ = load_exported(exported)
     qmodel, config = load_quantized(quantized)
     assert config["quantization"]["bits"] == 8

@@ -1,0 +1,104 @@
+"""The serving engine's configuration: memory budget, batch limits, queue, device, dtype.
+
+One dataclass validated where it is built (DESIGN principle 4); the CLI turns every field
+into a flag. The KV cache is ``kv_cache_memory_gib`` of keys and values preallocated at
+start-up, split into blocks of ``block_size`` tokens; each running request holds a
+contiguous run of blocks for its prompt + max_tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from baobab.models.common import check_choice, check_positive
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    """How the engine uses memory and batches work.
+
+    Args:
+        kv_cache_memory_gib: memory preallocated at start-up for the KV cache, in GiB; it
+            must hold at least one request of the model's full context.
+        block_size: tokens per KV-cache block: the unit a request's reservation (prompt +
+            max_tokens) is rounded up to, and that cache usage is reported in.
+        max_num_seqs: most requests running (holding KV cache) at once.
+        max_num_batched_tokens: prompt tokens prefilled per engine step, beside one token
+            for each running decode, so a long prompt never stalls running decodes for more
+            than one chunk's compute.
+        prefill_chunk_size: prompts are prefilled in chunks that start at multiples of this
+            many tokens, whatever else is in the batch, so a request's numerics (and greedy
+            output) do not depend on its batch mates; at most ``max_num_batched_tokens``.
+        max_queue: most requests waiting for admission; one more is refused (HTTP 429).
+        device: torch device the model runs on ("cpu", "cuda", "cuda:1", ...).
+        dtype: cast the weights to "float32", "bfloat16" or "float16"; unset keeps the
+            export's dtype (quantized exports keep theirs).
+        threads: torch intra-op threads on CPU; 0: one per core but one, which is left to
+            the HTTP event loop (an OpenMP worker that loses its core stalls every op).
+        pack_weights: on CPU, reorder large float32 linear weights once for oneDNN
+            (memory-bound batch-1 decode at full speed); off, every linear runs through MKL.
+            Either way a row's result does not depend on the batch size.
+    """
+
+    kv_cache_memory_gib: float = 1.0
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 256
+    prefill_chunk_size: int = 64
+    max_queue: int = 256
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int = 0
+    pack_weights: bool = True
+
+    def __post_init__(self) -> None:
+        check_positive(
+            "EngineConfig",
+            kv_cache_memory_gib=self.kv_cache_memory_gib,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            prefill_chunk_size=self.prefill_chunk_size,
+            max_queue=self.max_queue,
+        )
+        for key in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "prefill_chunk_size",
+            "max_queue",
+        ):
+            if not isinstance(getattr(self, key), int):
+                raise ValueError(
+                    f"EngineConfig.{key} must be a positive integer; got {getattr(self, key)!r}."
+                )
+        if self.prefill_chunk_size > self.max_num_batched_tokens:
+            raise ValueError(
+                f"EngineConfig.prefill_chunk_size must be at most max_num_batched_tokens "
+                f"({self.max_num_batched_tokens}); got {self.prefill_chunk_size}."
+            )
+        if self.dtype is not None:
+            check_choice("EngineConfig", "dtype", self.dtype, DTYPES)
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(
+                f"EngineConfig.threads must be 0 (all cores but one) or a positive integer; "
+                f"got {self.threads!r}."
+            )
+        if not isinstance(self.device, str) or not self.device:
+            raise ValueError(
+                f"EngineConfig.device must name a torch device such as 'cpu'; got {self.device!r}."
+            )
+
+    def num_threads(self) -> int:
+        """The intra-op thread count ``threads`` asks for."""
+        if self.threads:
+            return self.threads
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, (cores or 2) - 1)
+
+    def kv_cache_bytes(self) -> int:
+        """The KV cache budget in bytes."""
+        return int(self.kv_cache_memory_gib * 2**30)

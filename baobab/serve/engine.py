@@ -1,0 +1,220 @@
+"""The engine: requests in, :class:`RequestOutput` increments out, one step at a time.
+
+A step is ``schedule() -> execute() -> update()`` (DESIGN principle 7): the scheduler picks
+how many tokens each request advances, the runner computes them in one batched forward and
+returns the logits of the requests that sample, and the update samples, detokenizes,
+checks stop conditions and frees the KV cache of finished requests.
+
+The engine is single-threaded; :class:`~baobab.serve.async_engine.AsyncEngine` drives it
+from a background thread.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baobab.data.tokenizer import Tokenizer
+from baobab.models.gpt import GPT
+from baobab.serve.config import EngineConfig
+from baobab.serve.detokenize import IncrementalDetokenizer
+from baobab.serve.kv_cache import num_blocks_for
+from baobab.serve.runner import ModelRunner, SeqInput
+from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
+from baobab.serve.scheduler import SchedRequest, Scheduler
+from baobab.serve.types import (
+    EngineStats,
+    PromptTooLongError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+
+class Request(SchedRequest):
+    """A request as the engine tracks it: the scheduler's counts plus token values."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Tokenizer,
+        stop_ids: frozenset[int],
+        device: torch.device,
+    ) -> None:
+        super().__init__(request_id, len(prompt_ids), params.max_tokens)
+        self.params = params
+        self.token_ids = list(prompt_ids)  # prompt + output; num_tokens == len(token_ids)
+        self.num_output = 0
+        self.stop_ids = stop_ids
+        self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
+        self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+
+
+class Engine:
+    """Continuous batching over a GPT export: add requests, abort them, ``step()``."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: EngineConfig) -> None:
+        if not isinstance(model, GPT):
+            raise ValueError(f"the engine serves gpt models; got a {type(model).__name__}.")
+        self.config = config
+        self.tokenizer = tokenizer
+        cfg = model.cfg
+        dtype = model.tok_embeddings.weight.dtype
+        num_blocks = num_blocks_for(cfg, dtype, config.kv_cache_bytes(), config.block_size)
+        self.runner = ModelRunner(
+            model, num_blocks, config.block_size, config.prefill_chunk_size, config.pack_weights
+        )
+        self.scheduler = Scheduler(
+            num_blocks,
+            config.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.prefill_chunk_size,
+            config.max_queue,
+        )
+        self.context_length = cfg.max_seq_len
+        # Prompt ids must be real tokens. Sampling covers the model's whole vocabulary, as
+        # Hugging Face and vLLM do: ids past the tokenizer's (the trainer rounds vocab_size
+        # up) are ones a trained model has learnt never to produce, and they decode to "".
+        self.vocab_size = min(tokenizer.vocab_size, cfg.vocab_size)
+        self.eos_token_id: int | None = tokenizer.eot_id
+        self._seqs: dict[str, Request] = {}
+
+    # ------------------------------------------------------------------ requests
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise PromptTooLongError or ValueError (one sentence) for a request that can't run.
+
+        Reads no engine state, so any thread may call it.
+        """
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; send at least one token.")
+        if params.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1; got {params.max_tokens}.")
+        if len(prompt_ids) + params.max_tokens > self.context_length:
+            raise PromptTooLongError(len(prompt_ids), params.max_tokens, self.context_length)
+        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(
+                f"prompt token id {bad} is outside the vocabulary (ids 0..{self.vocab_size - 1})."
+            )
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises PromptTooLongError, QueueFullError or ValueError."""
+        self.check_request(prompt_ids, params)
+        stop_ids = set(params.stop_token_ids)
+        if not params.ignore_eos and self.eos_token_id is not None:
+            stop_ids.add(self.eos_token_id)
+        seq = Request(
+            request_id,
+            [int(t) for t in prompt_ids],
+            params,
+            self.tokenizer,
+            frozenset(stop_ids),
+            self.runner.device,
+        )
+        self.scheduler.add(seq)  # QueueFullError, duplicate id
+        self._seqs[request_id] = seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request now (its cache is free for the next step); its final output, or
+        None if the request is unknown or already finished."""
+        seq = self._seqs.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.abort(request_id)
+        return RequestOutput(
+            request_id,
+            [],
+            "",
+            finished=True,
+            finish_reason="abort",
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output,
+        )
+
+    def has_unfinished(self) -> bool:
+        return bool(self._seqs)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._seqs)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        total = s.blocks.num_blocks
+        return EngineStats(
+            running=s.num_running,
+            waiting=s.num_waiting,
+            kv_cache_usage=s.blocks_used / total,
+            kv_cache_blocks_total=total,
+            kv_cache_blocks_used=s.blocks_used,
+        )
+
+    # ------------------------------------------------------------------ the step
+    def step(self) -> list[RequestOutput]:
+        """schedule() -> execute() -> update(); the outputs of requests that got a token."""
+        plan = self.scheduler.schedule()
+        if not plan:
+            return []
+        inputs = [
+            SeqInput(
+                s.request.block * self.scheduler.block_size,
+                s.start,
+                s.request.token_ids[s.start : s.start + s.num_tokens],
+                s.sample,
+            )
+            for s in plan
+        ]
+        logits = self.runner.execute(inputs)  # (N, V)
+        self.scheduler.update(plan)
+        return self._update([s.request for s in plan if s.sample], logits)
+
+    def _update(self, seqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        if not seqs:
+            return []
+        tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        logprobs: dict[int, TokenLogprob] = {}
+        if want:
+            found = top_logprobs(
+                logits[want], [tokens[i] for i in want], [seqs[i].params.logprobs for i in want]
+            )
+            for i, (lp, top) in zip(want, found):
+                logprobs[i] = self._token_logprob(tokens[i], lp, top)
+        return [self._append(s, t, logprobs.get(i)) for i, (s, t) in enumerate(zip(seqs, tokens))]
+
+    def _token_logprob(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprob:
+        text = self.tokenizer.decode([token])
+        alternatives: dict[str, float] = {}
+        for tid, value in top:  # most likely first: a text shared by two ids keeps the first
+            alternatives.setdefault(self.tokenizer.decode([tid]), value)
+        return TokenLogprob(token, text, lp, alternatives)
+
+    def _append(self, seq: Request, token: int, logprob: TokenLogprob | None) -> RequestOutput:
+        """Add a sampled token to ``seq``; finish it on a stop token, stop string or length."""
+        seq.token_ids.append(token)
+        seq.num_tokens += 1
+        seq.num_output += 1
+        reason = None
+        if token in seq.stop_ids:  # counted and reported, but its text is not output
+            text, reason = seq.detok.finish(), "stop"
+        else:
+            text = seq.detok.add([token])
+            if seq.detok.stop_string is not None:
+                reason = "stop"
+            elif seq.num_output >= seq.params.max_tokens:
+                text, reason = text + seq.detok.finish(), "length"
+        if reason is not None:
+            self.scheduler.finish(seq)
+            del self._seqs[seq.request_id]
+        return RequestOutput(
+            seq.request_id,
+            [token],
+            text,
+            finished=reason is not None,
+            finish_reason=reason,
+            logprobs=[logprob] if logprob is not None else None,
+            prompt_tokens=seq.prompt_len,
+            completion_tokens=seq.num_output,
+        )

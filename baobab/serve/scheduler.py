@@ -1,0 +1,240 @@
+"""The scheduler: plain Python that decides how many tokens each request advances per step.
+
+No torch here (DESIGN principle 7): the scheduler sees token counts and KV-cache blocks
+only, so it is tested without a model. Each engine step it returns a list of :class:`ScheduledSeq`
+(request, first position, token count); the runner computes those tokens, the engine
+samples where ``sample`` is set, then calls :meth:`Scheduler.update`.
+
+Policy, in order, within one step:
+
+1. Every running request past its prompt decodes one token (decodes are never starved).
+2. Running requests still in their prompt advance, oldest first, within the prefill budget
+   of ``max_num_batched_tokens`` tokens.
+3. Waiting requests are admitted in arrival order while fewer than ``max_num_seqs`` run, a
+   contiguous run of free blocks holds their prompt + max_tokens, and their first chunk fits
+   the budget left. The blocks are reserved whole at admission, so a running request never
+   runs out of cache and nothing is ever preempted.
+
+A prompt advances only to a multiple of ``prefill_chunk_size`` (or to its end): its chunk
+boundaries are then the same whatever else is scheduled, so its numerics are too. A
+request that cannot advance this step blocks those behind it (first come, first served).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from baobab.serve.types import QueueFullError
+
+
+@dataclass(eq=False)
+class SchedRequest:
+    """What the scheduler knows of a request: counts, never token values.
+
+    Invariant: ``num_computed <= num_tokens``; the tokens ``[num_computed, num_tokens)``
+    still need their keys and values computed. While ``num_computed < prompt_len`` the
+    request is prefilling; afterwards ``num_tokens - num_computed`` is 1 (the last sampled
+    token) until it finishes.
+    """
+
+    request_id: str
+    prompt_len: int
+    max_tokens: int = 1  # the cache reserved is prompt_len + max_tokens tokens
+    num_tokens: int = -1  # prompt + generated so far; -1: prompt_len
+    num_computed: int = 0
+    block: int | None = None  # first block of its run while it holds cache
+    num_blocks: int = 0
+    finished: bool = field(default=False)
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0:
+            self.num_tokens = self.prompt_len
+
+    @property
+    def is_prefill(self) -> bool:
+        return self.num_computed < self.prompt_len
+
+
+class ScheduledSeq(NamedTuple):
+    """One request's share of a step: tokens ``[start, start + num_tokens)``."""
+
+    request: SchedRequest
+    start: int
+    num_tokens: int
+    sample: bool  # the last token's logits give the next token
+
+
+class BlockAllocator:
+    """Contiguous runs of KV-cache blocks, first fit; a freed run merges with its neighbours.
+
+    Deterministic: the same sequence of calls gives the same runs.
+    """
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_blocks = num_blocks
+        self.used = 0
+        self._free: list[list[int]] = [[0, num_blocks]]  # [start, length], sorted by start
+
+    def allocate(self, n: int) -> int | None:
+        """The first block of a free run of ``n`` blocks, or None if no run is long enough."""
+        for i, (start, length) in enumerate(self._free):
+            if length >= n:
+                if length == n:
+                    del self._free[i]
+                else:
+                    self._free[i] = [start + n, length - n]
+                self.used += n
+                return start
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        i = bisect.bisect_left(self._free, [start, 0])
+        self._free.insert(i, [start, n])
+        self.used -= n
+        if i + 1 < len(self._free) and start + n == self._free[i + 1][0]:
+            self._free[i][1] += self._free.pop(i + 1)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == start:
+            self._free[i - 1][1] += self._free.pop(i)[1]
+
+
+class Scheduler:
+    """Admission, chunked prefill, finishing and abort over a fixed pool of KV-cache blocks."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        prefill_chunk_size: int,
+        max_queue: int,
+    ) -> None:
+        if prefill_chunk_size > max_num_batched_tokens:
+            raise ValueError(
+                f"prefill_chunk_size ({prefill_chunk_size}) must be at most "
+                f"max_num_batched_tokens ({max_num_batched_tokens})."
+            )
+        self.blocks = BlockAllocator(num_blocks)
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunk = prefill_chunk_size
+        self.max_queue = max_queue
+        self.waiting: deque[SchedRequest] = deque()
+        self.running: list[SchedRequest] = []  # in admission order
+        self._by_id: dict[str, SchedRequest] = {}
+
+    # ------------------------------------------------------------------ requests in and out
+    def add(self, request: SchedRequest) -> None:
+        """Queue a request; QueueFullError when ``max_queue`` already wait."""
+        if self.blocks_needed(request) > self.blocks.num_blocks:
+            raise ValueError(
+                f"the request needs {request.prompt_len + request.max_tokens} tokens of KV cache "
+                f"but the cache holds {self.blocks.num_blocks * self.block_size}."
+            )
+        if request.request_id in self._by_id:
+            raise ValueError(f"request id {request.request_id!r} is already in use.")
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFullError(
+                f"the engine's queue is full ({self.max_queue} requests waiting); retry later"
+            )
+        self.waiting.append(request)
+        self._by_id[request.request_id] = request
+
+    def get(self, request_id: str) -> SchedRequest | None:
+        return self._by_id.get(request_id)
+
+    def abort(self, request_id: str) -> SchedRequest | None:
+        """Drop a waiting or running request and free its blocks; None if unknown."""
+        request = self._by_id.get(request_id)
+        if request is None:
+            return None
+        if request.block is None:
+            self.waiting.remove(request)
+            self._release(request)
+        else:
+            self.finish(request)
+        return request
+
+    def finish(self, request: SchedRequest) -> None:
+        """A running request is done: its blocks are free for the next step."""
+        self.running.remove(request)
+        self.blocks.free(request.block, request.num_blocks)
+        self._release(request)
+
+    def blocks_needed(self, request: SchedRequest) -> int:
+        return -(-(request.prompt_len + request.max_tokens) // self.block_size)
+
+    def _release(self, request: SchedRequest) -> None:
+        request.block = None
+        request.finished = True
+        del self._by_id[request.request_id]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------- the plan
+    def _prefill_span(self, request: SchedRequest, budget: int) -> int:
+        """Prompt tokens ``request`` may advance with ``budget`` left: to its prompt's end or
+        to a chunk boundary (a multiple of ``chunk``); 0 when not even one chunk fits."""
+        start = request.num_computed
+        end = min(request.prompt_len, start + budget)
+        if end < request.prompt_len:
+            end = end // self.chunk * self.chunk
+        return max(0, end - start)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        """This step's work; admits waiting requests (reserving their blocks)."""
+        plan = [
+            ScheduledSeq(r, r.num_computed, r.num_tokens - r.num_computed, True)
+            for r in self.running
+            if not r.is_prefill
+        ]
+        budget = self.max_num_batched_tokens
+        for r in self.running:
+            if r.is_prefill:
+                n = self._prefill_span(r, budget)
+                if n == 0:
+                    return plan  # first come, first served: nothing overtakes r
+                plan.append(self._prefill(r, n))
+                budget -= n
+        while self.waiting and len(self.running) < self.max_num_seqs:
+            r = self.waiting[0]
+            n = self._prefill_span(r, budget)
+            if n == 0:
+                break
+            block = self.blocks.allocate(self.blocks_needed(r))
+            if block is None:
+                break  # no run of free blocks is long enough yet: r waits, and so do the rest
+            self.waiting.popleft()
+            r.block, r.num_blocks = block, self.blocks_needed(r)
+            self.running.append(r)
+            plan.append(self._prefill(r, n))
+            budget -= n
+        return plan
+
+    @staticmethod
+    def _prefill(r: SchedRequest, n: int) -> ScheduledSeq:
+        # The prompt's last token yields the first sampled token.
+        return ScheduledSeq(r, r.num_computed, n, r.num_computed + n == r.num_tokens)
+
+    def update(self, plan: list[ScheduledSeq]) -> None:
+        """The planned tokens' keys and values are now in the cache."""
+        for s in plan:
+            s.request.num_computed = s.start + s.num_tokens
+
+    # ------------------------------------------------------------------------- gauges
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.blocks.used
