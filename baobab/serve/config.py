@@ -41,6 +41,10 @@ class EngineConfig:
         pack_weights: on CPU, reorder large float32 linear weights once for oneDNN
             (memory-bound batch-1 decode at full speed); off, every linear runs through MKL.
             Either way a row's result does not depend on the batch size.
+        separate_process: run the engine in its own (spawned) process, as vLLM's engine
+            core: the HTTP process keeps the event loop and streams, and the engine's steps
+            never wait on its GIL. Off: an engine thread in the calling process (tests,
+            embedding; ``AsyncEngine.engine`` is then reachable).
     """
 
     kv_cache_memory_gib: float = 1.0
@@ -53,6 +57,7 @@ class EngineConfig:
     dtype: str | None = None
     threads: int = 0
     pack_weights: bool = True
+    separate_process: bool = True
 
     def __post_init__(self) -> None:
         check_positive(

@@ -30,6 +30,24 @@ from baobab.serve.types import (
 )
 
 
+def check_request(
+    prompt_ids: list[int], params: SamplingParams, context_length: int, vocab_size: int
+) -> None:
+    """Raise PromptTooLongError or ValueError (one sentence) for a request that can't run in
+    a model of ``context_length`` positions and ``vocab_size`` prompt ids."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty; send at least one token.")
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be at least 1; got {params.max_tokens}.")
+    if len(prompt_ids) + params.max_tokens > context_length:
+        raise PromptTooLongError(len(prompt_ids), params.max_tokens, context_length)
+    bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(
+            f"prompt token id {bad} is outside the vocabulary (ids 0..{vocab_size - 1})."
+        )
+
+
 class Request(SchedRequest):
     """A request as the engine tracks it: the scheduler's counts plus token values."""
 
@@ -87,17 +105,7 @@ class Engine:
 
         Reads no engine state, so any thread may call it.
         """
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; send at least one token.")
-        if params.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1; got {params.max_tokens}.")
-        if len(prompt_ids) + params.max_tokens > self.context_length:
-            raise PromptTooLongError(len(prompt_ids), params.max_tokens, self.context_length)
-        bad = next((t for t in prompt_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise ValueError(
-                f"prompt token id {bad} is outside the vocabulary (ids 0..{self.vocab_size - 1})."
-            )
+        check_request(prompt_ids, params, self.context_length, self.vocab_size)
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Queue a request; raises PromptTooLongError, QueueFullError or ValueError."""

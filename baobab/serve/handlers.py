@@ -157,12 +157,19 @@ async def _merged(ctx: Context, rid: str, streams: list, arrival: float):
     last: dict[int, float] = {}
     try:
         while open_:
+            # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation that
+            # arrives as the queue hands over an item, and a cancelled (disconnected)
+            # request would then run to the end instead of being aborted.
+            getter = asyncio.ensure_future(queue.get())
             try:
-                i, out = await asyncio.wait_for(queue.get(), _HEALTH_POLL_S)
-            except asyncio.TimeoutError:
+                await asyncio.wait({getter}, timeout=_HEALTH_POLL_S)
+            finally:
+                getter.cancel()  # a no-op once it is done
+            if not getter.done() or getter.cancelled():
                 if not ctx.engine.healthy:
                     raise EngineFailure("the engine stopped while generating") from None
                 continue
+            i, out = getter.result()
             if isinstance(out, Exception):
                 raise EngineFailure(f"the engine failed: {out}") from None
             now = time.monotonic()
@@ -210,6 +217,9 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -
         watch.cancel()
         if not task.done():
             task.cancel()
+            # cancel() only requests it: until the task has run its cleanup (aborting its
+            # engine requests), it is neither cancelled() nor has a result().
+            await asyncio.wait({task})
     if task.cancelled():
         raise APIError(400, "the client disconnected before the answer was ready")
     return task.result()

@@ -76,3 +76,13 @@ class KVCache:
             self.k[layer].as_strided(size, self._stride, offset),
             self.v[layer].as_strided(size, self._stride, offset),
         )
+
+    def gather(
+        self, layer: int, positions: torch.Tensor, groups: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values at ``positions`` (G * L,), G runs of L: (Hkv, G, L, D) copies."""
+        shape = (self.heads, groups, -1, self.head_dim)
+        return (
+            self.k[layer].index_select(1, positions).view(shape),
+            self.v[layer].index_select(1, positions).view(shape),
+        )

@@ -48,15 +48,32 @@ def load_served_model(
         raise ValueError(
             f"'{path}' has no {TOKENIZER_FILE}; a language model is served with its tokenizer."
         )
+    if family == "gpt" and config.separate_process:
+        from baobab.serve.engine_process import ProcessEngine
+
+        if torch.device(config.device).type == "cpu":
+            torch.set_num_threads(1)  # the engine process has the cores; this one serves HTTP
+        return ProcessEngine(path, config, name, Tokenizer.load(path / TOKENIZER_FILE))
     if torch.device(config.device).type == "cpu":
         torch.set_num_threads(config.num_threads())
+    model = _load_model(path, meta, config)
+    if family == "gpt":
+        return AsyncEngine(load_engine(path, config, model), name)
+    image_shape(model)  # refuses a regression mlp or a non-image one
+    num_classes = model.cfg.num_classes if family == "resnet" else model.cfg.out_features
+    return AsyncClassifier(model, name, class_labels(meta, num_classes))
+
+
+def _load_model(path: Path, meta: dict, config: EngineConfig) -> torch.nn.Module:
     quantized = bool(meta.get("quantization"))
     model, _ = (load_quantized if quantized else load_exported)(path, device=config.device)
     if config.dtype is not None and not quantized:
         model.to(DTYPES[config.dtype])
-    if family == "gpt":
-        tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
-        return AsyncEngine(Engine(model, tokenizer, config), name)
-    image_shape(model)  # refuses a regression mlp or a non-image one
-    num_classes = model.cfg.num_classes if family == "resnet" else model.cfg.out_features
-    return AsyncClassifier(model, name, class_labels(meta, num_classes))
+    return model
+
+
+def load_engine(path: Path, config: EngineConfig, model: torch.nn.Module | None = None) -> Engine:
+    """The :class:`Engine` over a checked gpt export (what the engine process runs)."""
+    if model is None:
+        model = _load_model(path, read_config(path), config)
+    return Engine(model, Tokenizer.load(path / TOKENIZER_FILE), config)

@@ -26,11 +26,19 @@ a row's result must not depend on its batch mates. What was found on CPU (torch 
 * SiLU/GELU kernels compute a vector-width tail with a scalar formula that differs in the
   last bit, and where the tail falls depends on M; they are composed from ``exp``/``tanh``
   (MKL VML: position-independent) and exact IEEE ops instead.
-* Attention runs per request (batched SDPA's bits depend on the batch size once torch
-  uses 2+ threads, and padding keys to a common length changes every reduction), and a
-  prefill chunk's result depends on its bounds, so chunks start at fixed multiples of
-  ``prefill_chunk_size`` (the scheduler's rule, re-applied here). Per-request SDPA costs
-  ~20-40 us per request and layer: about a quarter of gpt-mini's step at 16 requests.
+* Attention of prefill chunks runs per request (batched SDPA's bits depend on the batch
+  size once torch uses 2+ threads, and padding keys to a common length changes every
+  reduction), and a chunk's result depends on its bounds, so chunks start at fixed
+  multiples of ``prefill_chunk_size`` (the scheduler's rule, re-applied here).
+* One-query pieces (decodes) are batched instead (per-request SDPA cost ~20-40 us per
+  request and layer, a quarter of gpt-mini's step at 16 requests): each request's keys are
+  padded, masked, to a bucket length that depends on its own length only (``_bucket``),
+  and requests of one bucket go through ``matmul`` / ``softmax`` / ``matmul`` together,
+  whose per-matrix and per-row results do not depend on the batch size (checked at 1 and
+  2 threads by ``test_logits_are_bitwise_independent_of_batch_mates``).
+* Linears over the same input (wq/wk/wv, w1/w3) run as one fused linear when they go
+  through MKL: fewer calls; the fused weight is fixed, so a row's bits still depend on
+  nothing but the row.
 
 ``tests/serve/test_kv_cache_runner.py`` checks this bit for bit.
 """
@@ -46,7 +54,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from baobab.export.quantize import QUANTIZED_LINEARS
-from baobab.models.common import rotate_half
 from baobab.models.gpt import GPT
 from baobab.serve.kv_cache import KVCache
 
@@ -103,6 +110,42 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, *QUANTIZED_LINEARS))
 
 
+def _fuse(linears: list[nn.Module]) -> nn.Linear | None:
+    """One ``nn.Linear`` whose output is ``linears``' outputs side by side, or None unless
+    all are plain ``nn.Linear`` (MKL path) of one input size, all with or without bias.
+
+    The originals' weights become views of the fused weight: no extra memory, and the
+    model's own forward still works.
+    """
+    first = linears[0]
+    if not all(
+        type(m) is nn.Linear
+        and m.in_features == first.in_features
+        and (m.bias is None) == (first.bias is None)
+        for m in linears
+    ):
+        return None
+    weight = torch.cat([m.weight.detach() for m in linears])  # (sum out, in)
+    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in linears])
+    fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    row = 0
+    for m in linears:
+        n = m.out_features
+        m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+        row += n
+    return fused
+
+
+def _bucket(kv_len: int) -> int:
+    """Keys a one-query piece is padded to: the next power of two, at least 64. A function
+    of the request's own length only, so its batch mates never change its numerics."""
+    return max(64, 1 << (kv_len - 1).bit_length())
+
+
 class SeqInput(NamedTuple):
     """One request's rows in a step: ``token_ids`` at positions ``start``, ``start + 1``, ...
     of the request whose keys and values live at cache positions from ``base``."""
@@ -122,6 +165,17 @@ class _Piece(NamedTuple):
     kv_len: int
     mask: torch.Tensor | None  # (r1 - r0, kv_len) bool, True = attend; None: see causal
     causal: bool
+
+
+class _Decodes(NamedTuple):
+    """One-query pieces whose keys are padded to the same bucket length ``Lb``: batch rows
+    ``rows`` (G,) read cache positions ``where`` (G * Lb,) (scratch past each request's own
+    keys, masked by ``bias`` (1, G, 1, Lb): 0 or -inf)."""
+
+    rows: torch.Tensor
+    where: torch.Tensor
+    bias: torch.Tensor
+    span: int | None  # rows are span, span + 1, ...: slices instead of index ops
 
 
 class ModelRunner:
@@ -154,42 +208,73 @@ class ModelRunner:
         blocks_mkl = any(_is_linear(m) for m in model.layers.modules())
         self.row_multiple = 4 if blocks_mkl else 1
         self.head_multiple = 1 if isinstance(model.output, PackedLinear) else 4
+        layers = list(model.layers.values())
+        self.qkv = [_fuse([b.attention.wq, b.attention.wk, b.attention.wv]) for b in layers]
+        swiglu = cfg.mlp == "swiglu"
+        self.gate_up = [
+            _fuse([b.feed_forward.w1, b.feed_forward.w3]) if swiglu else None for b in layers
+        ]
+        self.q_width, self.kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.cache = KVCache(cfg, num_blocks, block_size, self.dtype, self.device)
         self.rope = cfg.position == "rope"
+        half = cfg.head_dim // 2
+        self.rope_sign = torch.tensor([-1.0] * half + [1.0] * half, device=self.device)
         self.gqa = cfg.n_kv_head != cfg.n_head
 
     # ---------------------------------------------------------------------- helpers
-    def _pieces(self, seqs: Sequence[SeqInput]) -> list[_Piece]:
-        """Attention work: each request's new tokens cut at multiples of ``chunk``."""
-        pieces, row = [], 0
+    def _pieces(self, seqs: Sequence[SeqInput]) -> tuple[list[_Piece], list[_Decodes]]:
+        """Attention work: each request's new tokens cut at multiples of ``chunk``; pieces
+        of one query (decodes) grouped by ``_bucket`` of their key count."""
+        pieces, single, row = [], {}, 0
         for s in seqs:
             a, end = s.start, s.start + len(s.token_ids)
             while a < end:
                 b = min(end, (a // self.chunk + 1) * self.chunk)
                 n = b - a
+                if n == 1:
+                    single.setdefault(_bucket(b), []).append((row, s.base, b))
+                    row, a = row + n, b
+                    continue
                 mask = None
-                if n > 1 and a > 0:  # bottom-right causal: query i sees keys 0..a+i
+                if a > 0:  # bottom-right causal: query i sees keys 0..a+i
                     keys = torch.arange(b, device=self.device)
                     queries = torch.arange(a, b, device=self.device)
                     mask = keys[None, :] <= queries[:, None]
-                pieces.append(_Piece(row, row + n, s.base, b, mask, n > 1 and a == 0))
+                pieces.append(_Piece(row, row + n, s.base, b, mask, a == 0))
                 row, a = row + n, b
-        return pieces
+        groups = []
+        for length, members in single.items():
+            rows, bases, lens = (torch.tensor(c, device=self.device) for c in zip(*members))
+            keys = torch.arange(length, device=self.device)  # (Lb,)
+            live = keys[None, :] < lens[:, None]  # (G, Lb)
+            where = torch.where(live, bases[:, None] + keys, self.cache.scratch)
+            bias = torch.zeros(live.shape, dtype=self.dtype, device=self.device)
+            bias.masked_fill_(~live, float("-inf"))
+            first = members[0][0]
+            span = first if all(m[0] == first + j for j, m in enumerate(members)) else None
+            groups.append(_Decodes(rows, where.flatten(), bias[None, :, None, :], span))
+        return pieces, groups
 
-    def _ffn(self, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    def _ffn(self, i: int, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """The block's feed-forward with position-independent activations (module docstring)."""
         if self.cfg.mlp == "swiglu":
-            a = ffn.w1(h).float()
+            if self.gate_up[i] is not None:
+                a, b = self.gate_up[i](h).chunk(2, dim=-1)
+            else:
+                a, b = ffn.w1(h), ffn.w3(h)
+            a = a.float()
             gate = (a / (1.0 + torch.exp(-a))).to(h.dtype)  # silu
-            return ffn.w2(gate * ffn.w3(h))
+            return ffn.w2(gate * b)
         u = ffn.w1(h).float()
         inner = _SQRT_2_OVER_PI * (u + 0.044715 * (u * u * u))
         return ffn.w2((0.5 * u * (1.0 + torch.tanh(inner))).to(h.dtype))  # gelu (tanh)
 
-    def _attention(self, layer: int, q: torch.Tensor, pieces: list[_Piece]) -> torch.Tensor:
+    def _attention(
+        self, layer: int, q: torch.Tensor, pieces: list[_Piece], groups: list[_Decodes]
+    ) -> torch.Tensor:
         """Each piece's queries against its own request's cached keys: (M, H * D)."""
         rows, heads, d = q.shape
-        outs = []
+        y = q.new_zeros(rows, heads * d)  # padding rows attend to nothing
         for p in pieces:
             keys, values = self.cache.view(layer, p.base, p.kv_len)  # (1, Hkv, L, D)
             query = q.as_strided(  # (1, H, n, D) view of rows r0:r1
@@ -197,14 +282,25 @@ class ModelRunner:
                 (0, d, heads * d, 1),
                 q.storage_offset() + p.r0 * heads * d,
             )
-            outs.append(
-                F.scaled_dot_product_attention(
-                    query, keys, values, attn_mask=p.mask, is_causal=p.causal, enable_gqa=self.gqa
-                )
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=p.mask, is_causal=p.causal, enable_gqa=self.gqa
             )
-        y = torch.cat(outs, dim=2)[0].transpose(0, 1).reshape(-1, heads * d)  # (m, H * D)
-        if y.shape[0] < rows:  # padding rows attend to nothing
-            y = torch.cat([y, y.new_zeros(rows - y.shape[0], heads * d)])
+            y[p.r0 : p.r1] = out[0].transpose(0, 1).reshape(-1, heads * d)
+        kv_heads = self.cfg.n_kv_head
+        for g in groups:
+            n = g.rows.shape[0]
+            keys, values = self.cache.gather(layer, g.where, n)  # (Hkv, G, Lb, D)
+            # (Hkv, G, rep, D): query head h uses key head h // rep, as enable_gqa does.
+            mine = q[g.span : g.span + n] if g.span is not None else q.index_select(0, g.rows)
+            # (Hkv, G, rep, D): query head h uses key head h // rep, as enable_gqa does.
+            query = (mine * d**-0.5).view(n, kv_heads, -1, d).transpose(0, 1)
+            scores = torch.matmul(query, keys.transpose(-1, -2)) + g.bias  # (Hkv, G, rep, Lb)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (Hkv, G, rep, D)
+            out = out.transpose(0, 1).reshape(n, heads * d)
+            if g.span is not None:
+                y[g.span : g.span + n] = out
+            else:
+                y.index_copy_(0, g.rows, out)
         return y
 
     # ---------------------------------------------------------------------- the step
@@ -235,27 +331,32 @@ class ModelRunner:
         ids_t = torch.tensor(ids + [0] * pad, device=dev)  # (M,) padding: token 0 ...
         pos_t = torch.tensor(positions + [0] * pad, device=dev)  # (M,) ... at position 0 ...
         where_t = torch.tensor(where + [self.cache.scratch] * pad, device=dev)  # ... in scratch
-        pieces = self._pieces(seqs)
+        pieces, groups = self._pieces(seqs)
 
         x = model.tok_embeddings(ids_t)  # (M, C)
         if model.pos_embeddings is not None:
             x = x + model.pos_embeddings(pos_t)
         if self.rope:
             cos = model.rope_cos[pos_t].to(x.dtype)[:, None, :]  # (M, 1, D)
-            sin = model.rope_sin[pos_t].to(x.dtype)[:, None, :]
+            # rotate_half(x) * sin == x.roll(D/2) * (sin with its first half negated), bit
+            # for bit ((-a) * b == a * (-b) in IEEE): one roll instead of chunk/neg/cat.
+            sin = (model.rope_sin[pos_t].to(x.dtype) * self.rope_sign)[:, None, :]
         rows, d = ids_t.shape[0], cfg.head_dim
         for i, layer in enumerate(model.layers.values()):
             attn = layer.attention
             h = layer.attention_norm(x)
-            q = attn.wq(h).view(rows, -1, d)  # (M, H, D)
-            k = attn.wk(h).view(rows, -1, d)  # (M, Hkv, D)
-            v = attn.wv(h).view(rows, -1, d)
+            if self.qkv[i] is not None:
+                qk, v = self.qkv[i](h).split([self.q_width + self.kv_width, self.kv_width], 1)
+                qk = qk.view(rows, -1, d)  # (M, H + Hkv, D)
+            else:
+                qk = torch.cat([attn.wq(h), attn.wk(h)], 1).view(rows, -1, d)
+                v = attn.wv(h)
             if self.rope:  # apply_rotary's formula, per row's own position
-                q = q * cos + rotate_half(q) * sin
-                k = k * cos + rotate_half(k) * sin
-            self.cache.write(i, where_t, k, v)
-            x = x + attn.wo(self._attention(i, q.contiguous(), pieces))
-            x = x + self._ffn(layer.feed_forward, layer.ffn_norm(x))
+                qk = qk * cos + qk.roll(d // 2, -1) * sin
+            q, k = qk.split([cfg.n_head, cfg.n_kv_head], 1)  # (M, H, D), (M, Hkv, D)
+            self.cache.write(i, where_t, k, v.view(rows, -1, d))
+            x = x + attn.wo(self._attention(i, q.contiguous(), pieces, groups))
+            x = x + self._ffn(i, layer.feed_forward, layer.ffn_norm(x))
         # Only the rows whose logits are wanted go through the norm and the head.
         wanted = len(out_rows)
         out_rows += [0] * (_round_up(wanted, self.head_multiple) - wanted)

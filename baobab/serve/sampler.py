@@ -29,8 +29,10 @@ def sample_rows(
     generators: Sequence[torch.Generator],
 ) -> list[int]:
     """One token per row of ``logits`` (N, V) float32, row i sampled by ``params[i]``."""
-    tokens: list[torch.Tensor | None] = [None] * len(params)
     greedy = [i for i, p in enumerate(params) if p.temperature <= 0]
+    if len(greedy) == len(params):  # one argmax per row: the same for any row count
+        return logits.argmax(-1).tolist()
+    tokens: list[torch.Tensor | None] = [None] * len(params)
     if greedy:
         for i, t in zip(greedy, logits[greedy].argmax(-1).unbind(0)):
             tokens[i] = t

@@ -1,4 +1,4 @@
-"""The engine on its thread under asyncio: concurrency, abort, shutdown drain, failure."""
+"""The in-process engine on its thread under asyncio: concurrency, abort, drain, failure."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def export(tmp_path_factory):
 
 def load(export, **options) -> AsyncEngine:
     options = {"kv_cache_memory_gib": 0.05, "max_num_batched_tokens": 64,
-               "prefill_chunk_size": 16, **options}  # fmt: skip
+               "prefill_chunk_size": 16, "separate_process": False, **options}  # fmt: skip
     return load_served_model(export, EngineConfig(**options))
 
 

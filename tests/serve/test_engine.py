@@ -47,7 +47,7 @@ def exports(tmp_path_factory) -> dict:
 
 def engine_for(export, **options):
     options = {"kv_cache_memory_gib": 0.02, "max_num_batched_tokens": 32,
-               "prefill_chunk_size": 8, **options}  # fmt: skip
+               "prefill_chunk_size": 8, "separate_process": False, **options}  # fmt: skip
     return load_served_model(export, EngineConfig(**options)).engine
 
 

@@ -161,4 +161,29 @@ def test_composed_activations_match_the_model_feed_forward(variant):
     with torch.no_grad():
         expected = ffn(h)
     runner = runner_for(model, pack=False)
-    torch.testing.assert_close(runner._ffn(ffn, h), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(runner._ffn(0, ffn, h), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_decode_attention_is_bitwise_independent_of_batch_mates(threads):
+    """Decodes share one attention computation per key bucket (runner docstring): a request's
+    logits are the same bits alone and among 0-15 decoding mates of any lengths, across a
+    bucket boundary (64 -> 128 keys), with grouped-query attention, at 1 and 2 threads."""
+    torch.set_num_threads(threads)  # the autouse fixture restores the count
+    model = random_gpt(**LLAMA, n_head=4, n_kv_head=2)
+    runner = ModelRunner(model, num_blocks=140, block_size=16, prefill_chunk_size=8,
+                         pack_weights=False)  # fmt: skip
+    rng = random.Random(threads)
+    tokens = [rng.randrange(259) for _ in range(72)]
+    prefill = [SeqInput(0, a, tokens[a : a + 8], False) for a in range(0, 56, 8)]
+    for seq in prefill:
+        runner.execute([seq])
+    alone = [runner.execute([SeqInput(0, t, [tokens[t]], True)]) for t in range(56, 72)]
+    for seq in prefill:  # the same keys again, then decode among mates
+        runner.execute([seq])
+    for t, expected in zip(range(56, 72), alone):
+        mates = [SeqInput(128 * (j + 1), rng.randrange(100), [rng.randrange(259)], True)
+                 for j in range(rng.randrange(16))]  # fmt: skip
+        at = rng.randrange(len(mates) + 1)
+        out = runner.execute([*mates[:at], SeqInput(0, t, [tokens[t]], True), *mates[at:]])
+        assert torch.equal(out[at : at + 1], expected), (t, len(mates), at)

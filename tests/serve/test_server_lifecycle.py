@@ -117,9 +117,10 @@ def test_health_is_503_while_loading_then_200(lm_export):
 
 
 def test_engine_failure_is_503_and_turns_health_503(lm_export, monkeypatch):
-    """A fault injected into the real engine's step: the open stream gets an error event,
-    later requests a 503, and /health says 503."""
-    with serve_in_thread(served_app(lm_export)) as srv, srv.client() as http:
+    """A fault injected into the real engine's step (an in-process engine, to reach it): the
+    open stream gets an error event, later requests a 503, and /health says 503."""
+    app = served_app(lm_export, separate_process=False)
+    with serve_in_thread(app) as srv, srv.client() as http:
         body = {"prompt": "🌳", "max_tokens": MODEL_CONTEXT - 8, "ignore_eos": True, "stream": True}
         with http.stream("POST", "/v1/completions", json=body) as stream:
             lines = stream.iter_lines()
