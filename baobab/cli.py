@@ -43,6 +43,11 @@ def run_config_parser(prog: str = "baobab train") -> ArgumentParser:
     parser.add_argument(
         "--recipe", action=RecipeAction, help="a shipped recipe name or a YAML file"
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="shorthand for --train.deterministic true: repeatable bit for bit",
+    )
     parser.add_class_arguments(RunConfig, None)
     return parser
 
@@ -54,6 +59,9 @@ def parse_run_config(args: Sequence[str]) -> RunConfig:
 
 
 def _to_run_config(parser: ArgumentParser, ns: Namespace) -> RunConfig:
+    ns = ns.clone()
+    if ns.pop("deterministic", False):
+        ns["train.deterministic"] = True
     return _instantiate(parser, ns, RunConfig)
 
 

@@ -12,10 +12,12 @@ set -euo pipefail
 head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export OMP_NUM_THREADS=8
 
-# Every node runs the same command; torchrun's agents meet at head_node:29500.
+# Every node runs the same command; torchrun's agents meet at head_node:29500. After a
+# failure they restart the workers (up to 3 times), which resume from the last checkpoint.
 srun baobab train \
     --nnodes "$SLURM_JOB_NUM_NODES" \
     --nproc-per-node 8 \
+    --max-restarts 3 \
     --rdzv-id "$SLURM_JOB_ID" \
     --rdzv-backend c10d \
     --rdzv-endpoint "$head_node:29500" \

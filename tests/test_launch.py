@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from baobab.launch import split_launch_args, torchrun_args, world_size
+from baobab.launch import WORKER_SCRIPT, split_launch_args, torchrun_args, world_size
 
 
 def test_launch_flags_are_separated_and_passed_to_torchrun():
@@ -25,9 +25,24 @@ def test_launch_flags_are_separated_and_passed_to_torchrun():
     assert rest == ["train", "--recipe", "quickstart"]
     assert world_size(launch) == 4
     assert torchrun_args(launch, rest) == [
-        "--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "h:29500", "-m", "baobab", "train", "--recipe", "quickstart",
+        "--nproc-per-node", "2", "--nnodes", "2", "--rdzv-endpoint", "h:29500",
+        "--run-path", "--start-method", "forkserver", str(WORKER_SCRIPT), "train", "--recipe", "quickstart",
     ]  # fmt: skip
     assert torchrun_args(["--nproc-per-node", "2"], rest)[0] == "--standalone"
+
+
+def test_restart_and_address_flags_pass_through():
+    argv = ["train", "--max_restarts=3", "--local-addr", "10.77.0.2", "--rdzv-conf", "is_host=0"]
+    launch, rest = split_launch_args(argv)
+    assert launch == [
+        "--max-restarts",
+        "3",
+        "--local-addr",
+        "10.77.0.2",
+        "--rdzv-conf",
+        "is_host=0",
+    ]
+    assert rest == ["train"]
 
 
 def run_baobab(*args: str) -> subprocess.CompletedProcess:

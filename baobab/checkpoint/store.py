@@ -14,15 +14,17 @@ flattened ``get_optimizer_state_dict``), so a checkpoint saved under one layout 
 Saving (every rank calls :func:`save_checkpoint`):
 
 1. finish a pending async save, if any;
-2. rank 0 sweeps leftovers of crashed saves, creates ``.tmp-step_XXXXXXXX`` and writes
-   trainer_state and tokenizer.json into it (every rank waits for it);
-3. every rank writes its shards with ``dcp.save`` (or ``dcp.async_save``);
-4. once DCP has completed everywhere, rank 0 writes meta.json, renames the temporary
-   directory to ``step_XXXXXXXX`` in one ``os.replace`` and prunes to ``keep_last``; every
-   rank returns only after that.
+2. rank 0 finishes publishes a crash interrupted, sweeps the other leftovers of crashed
+   saves, creates ``.tmp-step_XXXXXXXX`` and writes (and fsyncs) trainer_state and
+   tokenizer.json into it (every rank waits for it);
+3. every rank writes its shards with ``dcp.save`` (or ``dcp.async_save``), which fsyncs them;
+4. once DCP has completed everywhere, rank 0 writes meta.json atomically, renames the
+   temporary directory to ``step_XXXXXXXX`` in one ``os.replace`` and prunes to
+   ``keep_last``; every rank returns only after that.
 
 A crash at any point leaves the previous checkpoints loadable; only directories holding a
-meta.json count.
+meta.json count (``layout.py`` lists the invariants, ``verify.py`` checks a checkpoint's
+files before a resume trusts it).
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ from baobab.checkpoint.layout import (
     TMP_PREFIX,
     TOKENIZER_FILE,
     checkpoint_root,
+    fsync_file,
     prune,
     publish,
     read_meta,
+    recover_interrupted,
     resolve_checkpoint,
     step_name,
     sweep_incomplete,
+    write_text_atomic,
 )
 from baobab.checkpoint.trainer_state import load_trainer_state, save_trainer_state
 
@@ -153,7 +158,7 @@ class _PendingSave:
             self.future.result()  # raises here if the background write failed
 
         def finalize() -> None:
-            (self.tmp / META_FILE).write_text(self.meta_text)
+            write_text_atomic(self.tmp / META_FILE, self.meta_text)  # the mark of a whole one
             publish(self.tmp, self.final)
             prune(self.run_dir, self.keep_last, keep=self.final)
 
@@ -219,11 +224,14 @@ def save_checkpoint(
 
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
+        recover_interrupted(root)
         sweep_incomplete(root)
         tmp.mkdir()
         save_trainer_state(trainer_state, tmp)
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
+        for path in tmp.iterdir():  # durable before meta.json may vouch for them
+            fsync_file(path)
 
     _on_rank0(prepare)
     pending = _PendingSave(tmp, final, Path(run_dir), meta_text, keep_last)

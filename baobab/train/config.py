@@ -155,6 +155,9 @@ class TrainerConfig:
         peak_flops: the device's peak FLOP/s for MFU; null measures a matmul peak at start.
         mask_prob: masked LM: share of tokens to mask.
         threads: CPU threads for torch (0 keeps torch's default).
+        deterministic: use only deterministic kernels (``torch.use_deterministic_algorithms``),
+            so two runs with the same seed and layout give bit-identical losses; CPU runs
+            are deterministic already, CUDA runs get slower.
     """
 
     run_dir: str = "runs/default"
@@ -178,6 +181,7 @@ class TrainerConfig:
     peak_flops: float | None = None
     mask_prob: float = 0.15
     threads: int = 0
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -211,6 +215,49 @@ class TrainerConfig:
 
 
 @dataclass
+class FaultConfig:
+    """How a run meets failures: hangs, bad numbers (see ``baobab/train/faults.py``).
+
+    Restarts after a crash are torchrun's (``baobab train --max-restarts N``); a restarted
+    job resumes by itself from the newest complete checkpoint.
+
+    Args:
+        hang_timeout: seconds any one phase of a distributed run (a step's data loading,
+            forward/backward, an all-reduce, an evaluation, a checkpoint save) may last
+            before every rank exits non-zero naming the stalled rank and the operation; 0
+            turns the watchdog off and leaves only the process group's own timeout.
+        max_skipped_steps: stop the run after this many consecutive skipped updates (a
+            non-finite loss or gradient norm, or a loss spike).
+        spike_factor: skip the update when the loss exceeds this multiple of the mean of
+            the last ``spike_window`` good steps' losses; null turns the guard off.
+        spike_window: how many recent good losses the spike guard averages; it acts once
+            it has seen that many.
+    """
+
+    hang_timeout: float = 600.0
+    max_skipped_steps: int = 3
+    spike_factor: float | None = None
+    spike_window: int = 50
+
+    def __post_init__(self) -> None:
+        _check(
+            self.hang_timeout >= 0, f"fault.hang_timeout must be 0 or more, got {self.hang_timeout}"
+        )
+        _check(
+            self.max_skipped_steps >= 1,
+            f"fault.max_skipped_steps must be at least 1, got {self.max_skipped_steps}",
+        )
+        _check(
+            self.spike_factor is None or self.spike_factor > 1,
+            f"fault.spike_factor must be greater than 1, got {self.spike_factor}",
+        )
+        _check(
+            self.spike_window >= 1,
+            f"fault.spike_window must be at least 1, got {self.spike_window}",
+        )
+
+
+@dataclass
 class RunConfig:
     """A whole training run: what a recipe file holds.
 
@@ -227,6 +274,7 @@ class RunConfig:
     blocks: BlockOptions = field(default_factory=BlockOptions)
     lora: LoRAConfig | None = None
     distill: DistillConfig = field(default_factory=DistillConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -240,6 +288,7 @@ class RunConfig:
             "parallel": ParallelConfig,
             "blocks": BlockOptions,
             "distill": DistillConfig,
+            "fault": FaultConfig,
         }
         kwargs = {key: kind(**values[key]) for key, kind in parts.items() if key in values}
         if values.get("lora"):

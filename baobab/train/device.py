@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -20,6 +21,19 @@ def pick_device(name: str = "auto") -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def set_deterministic() -> None:
+    """Deterministic kernels only, so a run repeats bit for bit (``train.deterministic``).
+
+    cuBLAS needs its workspace pinned before its first call (hence the environment
+    variable, set early); an op without a deterministic kernel raises instead of
+    silently varying.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
 
 
 def autocast_context(device: torch.device, precision: str):

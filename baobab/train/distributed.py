@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -58,3 +59,23 @@ def global_sum(values: list[float], contributes: bool, device: torch.device) -> 
     )
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (picklable; unchanged without a process group)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def max_int(value: int) -> int:
+    """The largest ``value`` over all ranks (unchanged without a process group)."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)  # on the CPU for gloo; NCCL wants the GPU
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())

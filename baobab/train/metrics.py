@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,8 @@ from typing import Any
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+# Records about the run itself rather than one of its steps: kept when a restart rewinds.
+LIFECYCLE_EVENTS = ("restart", "resume")
 
 
 class MetricsLog:
@@ -47,7 +50,43 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"'{run_dir}' has no {METRICS_FILE}; is it a baobab run directory?")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _parse(path.read_text())
+
+
+def _parse(text: str) -> list[dict[str, Any]]:
+    """Every record; a line cut short by a crash (killed mid-write) is skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def rewind_metrics(run_dir: str | Path, step: int) -> int:
+    """Drop the records of steps after ``step`` (work a crash lost, to be done again) and a
+    torn last line, keeping restart and resume records; returns how many were dropped.
+
+    The file is replaced in one rename, so a crash meanwhile leaves the old one whole.
+    """
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    records = _parse(text)
+    # From scratch (step 0) even the step-0 evaluation will be redone.
+    kept = [
+        r for r in records if r.get("event") in LIFECYCLE_EVENTS or 0 < r.get("step", 0) <= step
+    ]
+    dropped = len([line for line in text.splitlines() if line.strip()]) - len(kept)
+    if dropped:
+        part = path.with_name(f"{METRICS_FILE}.part")
+        part.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(part, path)
+    return dropped
 
 
 class Progress:

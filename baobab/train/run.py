@@ -26,9 +26,10 @@ from baobab.optim import build_optimizer, build_scheduler, is_full_batch
 from baobab.parallel import apply_block_options, build_mesh, dp_rank_and_size, parallelize
 from baobab.train import distributed as bdist
 from baobab.train.config import RunConfig
-from baobab.train.device import pick_device
+from baobab.train.device import pick_device, set_deterministic
 from baobab.train.objectives import Distillation, build_objective
 from baobab.train.trainer import Trainer, TrainResult
+from baobab.train.watchdog import process_group_timeout
 
 # Model config fields that the data decides, unless the user overrode them.
 DATA_DECIDED = (
@@ -200,6 +201,8 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     """
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        set_deterministic()
     full_batch = is_full_batch(cfg.optim)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # Refuse a bad model or layout before any data work or process-group start-up.
@@ -215,8 +218,11 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     )
     layout = cfg.parallel.validate(world, named, **checks)
     _check_features(cfg, layout)
+    timeout = process_group_timeout(cfg.fault.hang_timeout)
     device = (
-        bdist.init_distributed(cfg.train.device) if world > 1 else pick_device(cfg.train.device)
+        bdist.init_distributed(cfg.train.device, timeout)
+        if world > 1
+        else pick_device(cfg.train.device)
     )
     mesh = build_mesh(layout, device.type) if world > 1 else None
     dp_rank, dp_size = dp_rank_and_size(mesh) if mesh is not None else (0, 1)
@@ -293,6 +299,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         },
         tokenizer_file=bundle.tokenizer_file,
         device=device,
+        fault=cfg.fault,
     )
     trainer.schedulers = [
         build_scheduler(opt, cfg.schedule, trainer.total_steps) for opt in optimizers
@@ -316,12 +323,14 @@ def _output_layer_name(model: nn.Module) -> str:
 
 def run(cfg: RunConfig) -> TrainResult:
     """Train as ``cfg`` says; the resolved config is kept as ``run_dir/config.yaml``."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
     try:
         trainer = build_trainer(cfg)
         if bdist.is_main():
             save_config(cfg, Path(cfg.train.run_dir) / "config.yaml")
         return trainer.fit()
     finally:
+        torch.use_deterministic_algorithms(deterministic)  # train.deterministic ends with the run
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

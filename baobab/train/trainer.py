@@ -8,14 +8,20 @@ full-batch gradient descent (a step is a whole epoch) and under data parallelism
 gradient reduction averages over ``dp`` ranks (hence the ``dp`` factor in the weight).
 
 Resume invariant: a checkpoint taken after step ``s`` holds everything later steps read
-(weights, optimizer, schedule, data position, RNG), and evaluation draws from its own
-generator, so resuming from it replays steps ``s+1..`` exactly on CPU.
+(weights, optimizer, schedule, data position, RNG, the bad-step guard), and evaluation
+draws from its own generator, so resuming from it replays steps ``s+1..`` exactly on CPU.
+
+Faults (``faults.py``, ``watchdog.py``, ``recovery.py``): a step whose global loss or
+gradient norm is non-finite (or spikes) skips its update, which leaves weights and
+optimizer state as they were; the step still counts, its data is consumed and the schedule
+advances. Every phase of a step is announced to the hang watchdog. Where a run starts
+(fresh, resumed, restarted) is decided by ``recovery.plan_start``.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +29,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from baobab.checkpoint import (
-    checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -34,15 +40,22 @@ from baobab.checkpoint import (
 from baobab.optim import clip_gradients
 from baobab.parallel import ParallelModel, clip_grad_norm_parallel
 from baobab.train import distributed as bdist
-from baobab.train.config import TrainerConfig
+from baobab.train.config import FaultConfig, TrainerConfig
 from baobab.train.device import autocast_context, peak_flops, pick_device
 from baobab.train.evaluate import evaluate
-from baobab.train.metrics import METRICS_FILE, MetricsLog, Progress
+from baobab.train.faults import (
+    FaultInjector,
+    StepGuard,
+    TrainingError,
+    describe_error,
+    write_note,
+)
+from baobab.train.metrics import MetricsLog, Progress
 from baobab.train.objectives import Batch, Objective, build_objective
+from baobab.train.recovery import StartPlan, plan_start
+from baobab.train.watchdog import Watchdog
 
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. the loss stopped being finite); the message says why."""
+__all__ = ["TrainResult", "Trainer", "TrainingError"]
 
 
 @dataclass
@@ -60,7 +73,8 @@ class Trainer:
     ``model`` is an ``nn.Module`` or a :class:`baobab.parallel.ParallelModel` (its parts each
     have an optimizer in ``optimizer``, given as a list). ``train_loader`` and ``val_loader``
     are :class:`baobab.data.DataLoader` objects for this rank. ``flops_per_item`` (per token
-    for language models, per sample otherwise) enables the MFU readout.
+    for language models, per sample otherwise) enables the MFU readout. ``fault`` sets the
+    hang watchdog and the bad-step guard (defaults when omitted).
     """
 
     def __init__(
@@ -80,6 +94,7 @@ class Trainer:
         meta: dict[str, Any] | None = None,
         tokenizer_file: str | Path | None = None,
         device: torch.device | None = None,
+        fault: FaultConfig | None = None,
     ):
         self.parallel = model if isinstance(model, ParallelModel) else None
         self.parts: list[nn.Module] = self.parallel.parts if self.parallel else [model]
@@ -123,6 +138,12 @@ class Trainer:
         self.contributes = self.parallel is None or self.parallel.reports
         self.step = 0
         self._eval_generator_seed = cfg.seed + 1  # evaluation never touches the training RNG
+        self.fault = fault or FaultConfig()
+        self.guard = StepGuard(self.fault)
+        self.watchdog = Watchdog(self.fault.hang_timeout, self.run_dir)
+        self.injector = FaultInjector.from_env()  # None unless BAOBAB_FAULT_INJECT is set
+        if self.injector and self.pipelined and (self.injector.nan or self.injector.spike):
+            raise ValueError("BAOBAB_FAULT_INJECT nan/spike do not work under pipeline parallelism")
 
     # -- state ----------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -134,6 +155,7 @@ class Trainer:
             "schedulers": [s.state_dict() for s in self.schedulers],
             "data": self.train_loader.state_dict(),
             "rng": rng,
+            "guard": self.guard.state_dict(),
         }
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -144,49 +166,68 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+        if "guard" in state:  # checkpoints from before the guard start it afresh
+            self.guard.load_state_dict(state["guard"])
 
     def save(self) -> Path:
+        self.watchdog.phase(f"step {self.step}: checkpoint save")
+        self._refuse_non_finite_weights()
         return save_checkpoint(
             self.run_dir, self.step, self.parts, self.optimizers, self.trainer_state(), self.meta,
             tokenizer_file=self.tokenizer_file, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save,
         )  # fmt: skip
 
-    def _prepare_run_dir(self) -> None:
-        if self.cfg.resume:
-            newest = latest_checkpoint(self.run_dir)
-            if newest is None:
-                raise ValueError(
-                    f"train.resume is set but '{self.run_dir}' holds no checkpoint to resume from"
-                )
-            self.load_trainer_state(load_checkpoint(newest, self.parts, self.optimizers))
-        elif checkpoint_dirs(self.run_dir) or (self.run_dir / METRICS_FILE).exists():
-            if not self.cfg.overwrite:
-                raise ValueError(
-                    f"run directory '{self.run_dir}' already holds a run; pass --train.resume true to "
-                    "continue it or --train.overwrite true to start over"
-                )
-            bdist.barrier()  # every rank has looked before rank 0 deletes
-            if bdist.is_main():
-                shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
-                shutil.rmtree(self.run_dir / "tensorboard", ignore_errors=True)
-                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
-        bdist.barrier()
+    def _refuse_non_finite_weights(self) -> None:
+        """A checkpoint must never hold bad weights (an update can overflow with a finite
+        loss and gradient); collective, so every rank refuses alike."""
+        local = [p.to_local() if isinstance(p, DTensor) else p for part in self.parts for p in part.parameters()]  # fmt: skip
+        bad = bool(torch.stack([~torch.isfinite(p.detach()).all() for p in local]).any()) if local else False  # fmt: skip
+        (total,) = bdist.global_sum([float(bad)], True, self.device)
+        if total:
+            raise TrainingError(
+                f"the weights became non-finite by step {self.step}; stopped without saving, "
+                f"{self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        kept = latest_checkpoint(self.run_dir)
+        return f"the last good checkpoint is {kept}" if kept else "no checkpoint was written"
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> TrainResult:
         """Train until max steps/epochs or the target loss; save and evaluate at the end."""
-        cfg = self.cfg
         for part in self.parts:
             part.to(self.device)
-        self._prepare_run_dir()
+        self.watchdog.start()
+        try:
+            self.watchdog.phase("start: preparing the run directory")
+            plan = plan_start(self.run_dir, self.cfg)
+            try:
+                return self._fit(plan)
+            except Exception as err:  # the run dir is ours now: tell the next attempt why
+                self.watchdog.hold()  # after a declared hang, its exit (and note) win
+                cause = describe_error(err, bdist.rank())
+                write_note(self.run_dir, bdist.rank(), cause, fatal=isinstance(err, TrainingError))
+                raise
+        finally:
+            self.watchdog.stop()
+
+    def _fit(self, plan: StartPlan) -> TrainResult:
+        cfg = self.cfg
+        if plan.checkpoint is not None:
+            self.watchdog.phase("start: loading the checkpoint")
+            self.load_trainer_state(load_checkpoint(plan.checkpoint, self.parts, self.optimizers))
         main = bdist.is_main()
         log = MetricsLog(self.run_dir) if main else None
         peak = cfg.peak_flops or (
             peak_flops(self.device, cfg.precision) if self.flops_per_item else None
         )
         unit = "tok" if self.objective.metric == "perplexity" else "samples"
-        if self.step and log:
-            log.write({"event": "resume", "step": self.step})
+        if log and (plan.checkpoint or plan.restart):
+            log.write(plan.record(self.step))
+        if main:
+            for line in plan.report(self.step):
+                print(line, file=sys.stderr, flush=True)
         progress = Progress(self.total_steps, self.step, cfg.progress and main, unit)
         result = TrainResult(step=self.step, loss=math.nan)
         val: dict[str, float] = {}
@@ -195,18 +236,8 @@ class Trainer:
                 val = self._evaluate_and_report(log, progress)  # the start of the validation curve
             while self.step < self.total_steps:
                 t0 = time.perf_counter()
-                loss, grad_norm, items = self._train_step()
+                loss, grad_norm, items, skipped = self._train_step()
                 elapsed = time.perf_counter() - t0
-                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                    kept = latest_checkpoint(self.run_dir)
-                    where = (
-                        f"the last good checkpoint is {kept}"
-                        if kept
-                        else "no checkpoint was written"
-                    )
-                    raise TrainingError(
-                        f"the loss became non-finite ({loss}) at step {self.step + 1}; stopped, {where}"
-                    )
                 self.step += 1
                 result.losses.append(loss)
                 throughput = items / elapsed
@@ -215,11 +246,15 @@ class Trainer:
                 )
                 lr = self.optimizers[0].param_groups[0]["lr"]
                 progress.update(loss, lr, throughput, mfu)
-                if log and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                if skipped is not None:
+                    self._report_skipped(skipped, log, progress)
+                elif log and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                     record = {"step": self.step, "epoch": self.train_loader.epoch, "loss": loss, "lr": lr,
                               "grad_norm": grad_norm, f"{unit}_per_s": throughput}  # fmt: skip
                     if mfu is not None:
                         record["mfu"] = mfu
+                    if self.guard.skipped:
+                        record["skipped_steps"] = self.guard.skipped
                     log.write(record)
                 for scheduler in self.schedulers:
                     scheduler.step()
@@ -238,6 +273,7 @@ class Trainer:
                         )
                     break
             if self.cfg.async_save:  # collective: publish the last background save
+                self.watchdog.phase("end: finishing the last checkpoint")
                 result.checkpoint = wait_for_checkpoint() or result.checkpoint
         finally:
             progress.close()
@@ -247,19 +283,42 @@ class Trainer:
         result.loss = result.losses[-1] if result.losses else math.nan
         return result
 
-    def _train_step(self) -> tuple[float, float, int]:
-        """One optimizer update; returns (global mean loss, grad norm, items processed globally)."""
+    def _report_skipped(self, reason: str, log: MetricsLog | None, progress: Progress) -> None:
+        """Count a skipped update in the metrics (always, whatever train.log_every); stop
+        after ``fault.max_skipped_steps`` in a row."""
+        guard = self.guard
+        if log:
+            log.write({"step": self.step, "event": "skipped_step", "reason": reason,
+                       "skipped_steps": guard.skipped, "nonfinite_steps": guard.nonfinite,
+                       "spike_steps": guard.spikes})  # fmt: skip
+            progress.write(f"step {self.step}: update skipped: {reason}")
+        if guard.exhausted:
+            raise TrainingError(
+                f"{guard.consecutive} updates in a row were skipped, the last for a {reason} at "
+                f"step {self.step}; stopped, {self._last_good()}"
+            )
+
+    def _train_step(self) -> tuple[float, float, int, str | None]:
+        """One optimizer update; returns (global mean loss, grad norm, items processed
+        globally, why the update was skipped or None)."""
+        step, phase = self.step + 1, self.watchdog.phase
         for part in self.parts:
             part.train()
+        phase(f"step {step}: loading data")
+        if self.injector:
+            self.injector.maybe_hang(step, bdist.rank())
         batches = [
             self.objective.prepare(*self._to_device(self.train_loader.next_batch()))
             for _ in range(self.grad_accum)
         ]
         local_terms = sum(b.count for b in batches)
         local_items = sum(self.objective.items(b) for b in batches)
+        phase(f"step {step}: all-reduce of the batch size")
         total_terms, total_items = bdist.global_sum(
             [local_terms, local_items], self.contributes, self.device
         )
+        phase(f"step {step}: forward/backward")
+        factor = self.injector.loss_factor(step) if self.injector else None
         if self.pipelined:
             local_loss = self._pipeline_step(batches[0])
         else:
@@ -267,18 +326,24 @@ class Trainer:
             for batch in batches:
                 with autocast_context(self.device, self.cfg.precision):
                     loss, _ = self.objective.loss(self.model, batch)
+                if factor is not None:  # BAOBAB_FAULT_INJECT: a real NaN or spike
+                    loss = loss * factor
                 # weight = this batch's share of the global terms, times dp for the dp-average
                 (loss * (batch.count * self.dp_size / total_terms)).backward()
                 local_loss += loss.detach() * batch.count
+        phase(f"step {step}: all-reduce of the loss")
         (loss_sum,) = bdist.global_sum([float(local_loss)], self.contributes, self.device)
         step_loss = loss_sum / total_terms
+        phase(f"step {step}: gradient norm")
         grad_norm = self._clip()
-        if math.isfinite(step_loss) and math.isfinite(grad_norm):
+        skipped = self.guard.judge(step_loss, grad_norm)  # the same verdict on every rank
+        phase(f"step {step}: optimizer")
+        if skipped is None:
             for opt in self.optimizers:
                 opt.step()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return step_loss, grad_norm, int(total_items)
+        return step_loss, grad_norm, int(total_items), skipped
 
     def _pipeline_step(self, batch: Batch) -> torch.Tensor:
         """Run the pipeline schedule over the micro-batches of ``batch``; returns the mean
@@ -303,6 +368,7 @@ class Trainer:
         return tuple(t.to(self.device, non_blocking=True) for t in batch)
 
     def _evaluate_and_report(self, log: MetricsLog | None, progress: Progress) -> dict[str, float]:
+        self.watchdog.phase(f"step {self.step}: evaluation")
         val = self.evaluate()
         if self.parallel is not None:
             self.parallel.reshard()  # free what an evaluation forward gathered (ZeRO-2 mode)
