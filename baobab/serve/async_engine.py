@@ -208,18 +208,27 @@ class AsyncEngine:
     def _deliver(
         self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
     ) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        with self._lock:
-            for item in [*((o.request_id, o) for o in outputs), *failed]:
-                request_id, value = item
-                done = isinstance(value, BaseException) or value.finished
-                entry = (
-                    self._streams.pop(request_id, None) if done else self._streams.get(request_id)
-                )
-                if entry is not None:
-                    by_loop[entry[1]].append((entry[0], value))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+        deliver(self._lock, self._streams, outputs, failed)
+
+
+def deliver(
+    lock: threading.Lock,
+    streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]],
+    outputs: list[RequestOutput],
+    failed: list[tuple[str, BaseException]],
+) -> None:
+    """Hand a step's outputs (and per-request failures) to their streams, one
+    ``call_soon_threadsafe`` per event loop; a finished or failed request leaves ``streams``.
+    Shared by the in-process engine thread and the engine process's reader thread."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
+    with lock:
+        for request_id, value in [*((o.request_id, o) for o in outputs), *failed]:
+            done = isinstance(value, BaseException) or value.finished
+            entry = streams.pop(request_id, None) if done else streams.get(request_id)
+            if entry is not None:
+                by_loop[entry[1]].append((entry[0], value))
+    for loop, items in by_loop.items():
+        _call_soon(loop, _put_all, items)
 
 
 def _stop_at_exit(ref: weakref.ref) -> None:

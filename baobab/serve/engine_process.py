@@ -28,14 +28,13 @@ import multiprocessing
 import signal
 import threading
 import weakref
-from collections import defaultdict
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
 
 from baobab.data.tokenizer import Tokenizer
-from baobab.serve.async_engine import EngineDeadError, RequestStream, _call_soon, _put_all
+from baobab.serve.async_engine import EngineDeadError, RequestStream, _call_soon, deliver
 from baobab.serve.config import EngineConfig
 from baobab.serve.engine import check_request
 from baobab.serve.types import EngineStats, QueueFullError, RequestOutput, SamplingParams
@@ -208,17 +207,7 @@ class ProcessEngine:
     def _deliver(
         self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
     ) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list] = defaultdict(list)
-        with self._lock:
-            for request_id, value in [*((o.request_id, o) for o in outputs), *failed]:
-                done = isinstance(value, BaseException) or value.finished
-                entry = (
-                    self._streams.pop(request_id, None) if done else self._streams.get(request_id)
-                )
-                if entry is not None:
-                    by_loop[entry[1]].append((entry[0], value))
-        for loop, items in by_loop.items():
-            _call_soon(loop, _put_all, items)
+        deliver(self._lock, self._streams, outputs, failed)
 
     def _fail(self, message: str) -> None:
         logger.error("the engine process stopped: %s", message)
