@@ -6,7 +6,7 @@ from baobab.commands import quickstart
 
 
 def test_quickstart_is_deterministic(tmp_path, capsys):
-    kwargs = {"data_dir": str(tmp_path / "data"), "seed": 0, "max_steps": 35, "progress": False}
+    kwargs = {"data_dir": str(tmp_path / "data"), "seed": 0, "max_steps": 31, "progress": False}
     first = quickstart(run_dir=str(tmp_path / "a"), **kwargs)
     first_out = capsys.readouterr().out
     second = quickstart(run_dir=str(tmp_path / "b"), **kwargs)

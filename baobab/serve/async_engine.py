@@ -55,39 +55,32 @@ class RequestStream:
         return item
 
 
-class AsyncEngine:
-    """An :class:`Engine` driven by a background thread (see the module docstring)."""
+class EngineClient:
+    """What the HTTP layer talks to, whatever runs the engine: request admission, streams,
+    gauges and failure. :class:`AsyncEngine` (a thread here) and
+    :class:`~baobab.serve.engine_process.ProcessEngine` (a child process) fill in how a
+    request reaches the engine (``_check``, ``_enqueue``, ``_submit``, ``_pending``)."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
-        self.engine = engine
+    def __init__(
+        self, model_name: str, tokenizer: Tokenizer, context_length: int, max_queue: int,
+        stats: EngineStats,
+    ) -> None:  # fmt: skip
         self.model_name = model_name
-        self.context_length: int = engine.context_length
-        self.tokenizer: Tokenizer = engine.tokenizer
-        self.eos_token_id: int | None = engine.eos_token_id
-        self._lock = threading.Lock()  # guards everything below that both threads touch
-        self._new: list[tuple[str, list[int], SamplingParams]] = []
-        self._aborts: list[str] = []
+        self.tokenizer = tokenizer
+        self.eos_token_id: int | None = tokenizer.eot_id
+        self.context_length = context_length
+        self.max_queue = max_queue
+        self._lock = threading.Lock()  # guards everything below that two threads touch
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
-        self._stats = engine.stats()
+        self._stats = stats  # as of the engine's last step
         self._busy = False  # the engine holds unfinished requests
         self._accepting = True
-        self._stop = False
-        self._error: BaseException | None = None
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._error: str | None = None
 
     # ------------------------------------------------------------------ the public API
-    def start(self) -> None:
-        """Start the engine thread (idempotent)."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="baobab-engine", daemon=True)
-                self._thread.start()
-                atexit.register(_stop_at_exit, weakref.ref(self))
-
     @property
     def healthy(self) -> bool:
-        """False once the engine thread died with an exception."""
+        """False once the engine died."""
         return self._error is None
 
     def add_request(
@@ -103,20 +96,88 @@ class AsyncEngine:
             raise RuntimeError(f"the engine stopped after an error: {self._error}")
         if not self._accepting:
             raise RuntimeError("the engine is shutting down")
-        self.engine.check_request(prompt_ids, params)
+        self._check(prompt_ids, params)
         stream = RequestStream(request_id)
+        prompt_ids = [int(t) for t in prompt_ids]
         with self._lock:
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use.")
-            if self._stats.waiting + len(self._new) >= self.engine.config.max_queue:
+            if self._stats.waiting + self._pending() >= self.max_queue:
                 raise QueueFullError(
-                    f"the engine's queue is full ({self.engine.config.max_queue} requests "
-                    "waiting); retry later"
+                    f"the engine's queue is full ({self.max_queue} requests waiting); retry later"
                 )
             self._streams[request_id] = (stream, loop)
-            self._new.append((request_id, list(prompt_ids), params))
-        self._wake.set()  # requests added before start() wait for it
+            self._enqueue(request_id, prompt_ids, params)
+        self._submit(request_id, prompt_ids, params)
         return stream
+
+    def stats(self) -> EngineStats:
+        """Gauges as of the last engine step (requests not yet seen by the engine count as
+        waiting)."""
+        with self._lock:
+            s = self._stats
+            return EngineStats(
+                s.running,
+                s.waiting + self._pending(),
+                s.kv_cache_usage,
+                s.kv_cache_blocks_total,
+                s.kv_cache_blocks_used,
+            )
+
+    # ------------------------------------------------------------------ for subclasses
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise what the engine would refuse the request for (synchronously: 400 at once)."""
+        raise NotImplementedError
+
+    def _pending(self) -> int:
+        """Requests handed over but not yet seen by the engine (called under ``_lock``)."""
+        raise NotImplementedError
+
+    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Record the request as handed over (under ``_lock``)."""
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Hand the request to the engine (after ``_lock`` is released)."""
+
+    def _deliver(
+        self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
+    ) -> None:
+        deliver(self._lock, self._streams, outputs, failed)
+
+    def _fail(self, message: str) -> None:
+        """The engine died: remember why, and end every open stream with EngineDeadError."""
+        logger.error("the engine stopped: %s", message)
+        self._error = message
+        with self._lock:
+            streams, self._streams = self._streams, {}
+        dead = EngineDeadError(f"the engine stopped after an error: {message}")
+        for stream, loop in streams.values():
+            _call_soon(loop, stream._put, dead)
+
+
+class AsyncEngine(EngineClient):
+    """An :class:`Engine` driven by a background thread (see the module docstring)."""
+
+    def __init__(self, engine: Engine, model_name: str) -> None:
+        super().__init__(
+            model_name, engine.tokenizer, engine.context_length, engine.config.max_queue,
+            engine.stats(),
+        )  # fmt: skip
+        self.engine = engine
+        self.eos_token_id = engine.eos_token_id
+        self._new: list[tuple[str, list[int], SamplingParams]] = []
+        self._aborts: list[str] = []
+        self._stop = False
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the engine thread (idempotent)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="baobab-engine", daemon=True)
+                self._thread.start()
+                atexit.register(_stop_at_exit, weakref.ref(self))
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread; its KV cache is freed before the next step and its
@@ -125,17 +186,17 @@ class AsyncEngine:
             self._aborts.append(request_id)
         self._wake.set()
 
-    def stats(self) -> EngineStats:
-        """Gauges as of the last engine step (queued-but-unseen requests count as waiting)."""
-        with self._lock:
-            s = self._stats
-            return EngineStats(
-                s.running,
-                s.waiting + len(self._new),
-                s.kv_cache_usage,
-                s.kv_cache_blocks_total,
-                s.kv_cache_blocks_used,
-            )
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.engine.check_request(prompt_ids, params)
+
+    def _pending(self) -> int:
+        return len(self._new)
+
+    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._new.append((request_id, prompt_ids, params))
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._wake.set()  # requests added before start() wait for it
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let running ones finish for up to ``timeout`` seconds, abort
@@ -164,12 +225,7 @@ class AsyncEngine:
                     pass
         except BaseException as err:  # reported to every stream, then the thread ends
             logger.exception("the engine thread stopped")
-            self._error = err
-            with self._lock:
-                streams, self._streams = self._streams, {}
-            dead = EngineDeadError(f"the engine stopped after an error: {err!r}")
-            for stream, loop in streams.values():
-                _call_soon(loop, stream._put, dead)
+            self._fail(repr(err))
 
     def _loop_once(self) -> bool:
         """One round: fold in new requests and aborts, step, deliver. False: exit."""
@@ -204,11 +260,6 @@ class AsyncEngine:
             self._wake.wait(timeout=1.0)
             self._wake.clear()
         return True
-
-    def _deliver(
-        self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
-    ) -> None:
-        deliver(self._lock, self._streams, outputs, failed)
 
 
 def deliver(

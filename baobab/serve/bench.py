@@ -125,8 +125,9 @@ def run_level(
     """One concurrency level; returns its throughput and latency summary."""
     model = _server_model(base, api_key, timeout)
     rng = random.Random(seed)
-    # Ids from 1..vocab-1 of a byte/BPE tokenizer: ordinary tokens (the specials come last).
-    prompts = [[rng.randrange(1, vocab) for _ in range(input_len)] for _ in range(num_requests)]
+    # Ids 3..vocab-1: ordinary tokens of both baobab tokenizer layouts (a trained BPE's
+    # specials are 0-2, the byte tokenizer's 256-258).
+    prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_requests)]
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         timings = list(
@@ -190,15 +191,17 @@ def bench_serve(
         num_requests: requests per level (0: 4 x concurrency, at least 8).
         input_len: prompt length in tokens (random ids).
         output_len: tokens generated per request (the server ignores end-of-text).
-        vocab: prompt ids are drawn from 1..vocab-1; keep it within the model's tokenizer.
+        vocab: prompt ids are drawn from 3..vocab-1; keep it within the model's tokenizer.
         api_key: sent as a Bearer token when the server requires one.
         seed: seeds the random prompts.
         out: also write the results as JSON to this file.
     """
     levels = concurrency or [1, 4, 16]
-    for key, value in (("input_len", input_len), ("output_len", output_len), ("vocab", vocab)):
-        if value < 1 or (key == "vocab" and value < 2):
+    for key, value in (("input_len", input_len), ("output_len", output_len)):
+        if value < 1:
             raise ValueError(f"{key} must be positive, got {value}")
+    if vocab < 4:
+        raise ValueError(f"vocab must be at least 4 (prompt ids are 3..vocab-1), got {vocab}")
     if any(c < 1 for c in levels) or num_requests < 0:
         raise ValueError("concurrency levels must be at least 1 and num_requests 0 or more")
     results = []

@@ -15,6 +15,9 @@ from baobab.models.common import check_choice, check_positive
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# Weights from which ``threads=0`` uses every core (EngineConfig.threads).
+ALL_CORES_MIN_WEIGHT_BYTES = 64 * 2**20
+
 
 @dataclass
 class EngineConfig:
@@ -36,8 +39,11 @@ class EngineConfig:
         device: torch device the model runs on ("cpu", "cuda", "cuda:1", ...).
         dtype: cast the weights to "float32", "bfloat16" or "float16"; unset keeps the
             export's dtype (quantized exports keep theirs).
-        threads: torch intra-op threads on CPU; 0: one per core but one, which is left to
-            the HTTP event loop (an OpenMP worker that loses its core stalls every op).
+        threads: torch intra-op threads on CPU. 0 chooses: one per core when the weights
+            are at least ``ALL_CORES_MIN_WEIGHT_BYTES`` (a step then takes tens of ms, next
+            to which the HTTP work of its few tokens is small), else one per core but one,
+            left to the HTTP event loop (an OpenMP worker that loses its core to it stalls
+            every op of a short step).
         pack_weights: on CPU, reorder large float32 linear weights once for oneDNN
             (memory-bound batch-1 decode at full speed); off, every linear runs through MKL.
             Either way a row's result does not depend on the batch size.
@@ -89,7 +95,7 @@ class EngineConfig:
             check_choice("EngineConfig", "dtype", self.dtype, DTYPES)
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(
-                f"EngineConfig.threads must be 0 (all cores but one) or a positive integer; "
+                f"EngineConfig.threads must be 0 (chosen by model size) or a positive integer; "
                 f"got {self.threads!r}."
             )
         if not isinstance(self.device, str) or not self.device:
@@ -97,12 +103,13 @@ class EngineConfig:
                 f"EngineConfig.device must name a torch device such as 'cpu'; got {self.device!r}."
             )
 
-    def num_threads(self) -> int:
-        """The intra-op thread count ``threads`` asks for."""
+    def num_threads(self, weight_bytes: int = 0) -> int:
+        """The intra-op thread count ``threads`` asks for, serving ``weight_bytes`` of weights."""
         if self.threads:
             return self.threads
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        return max(1, (cores or 2) - 1)
+        cores = cores or 2
+        return cores if weight_bytes >= ALL_CORES_MIN_WEIGHT_BYTES else max(1, cores - 1)
 
     def kv_cache_bytes(self) -> int:
         """The KV cache budget in bytes."""

@@ -34,16 +34,16 @@ from pathlib import Path
 import torch
 
 from baobab.data.tokenizer import Tokenizer
-from baobab.serve.async_engine import EngineDeadError, RequestStream, _call_soon, deliver
+from baobab.serve.async_engine import EngineClient
 from baobab.serve.config import EngineConfig
 from baobab.serve.engine import check_request
-from baobab.serve.types import EngineStats, QueueFullError, RequestOutput, SamplingParams
+from baobab.serve.types import QueueFullError, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 _LOAD_TIMEOUT_S = 600.0
 
 
-class ProcessEngine:
+class ProcessEngine(EngineClient):
     """:class:`~baobab.serve.async_engine.AsyncEngine`'s API over an engine process.
 
     The constructor spawns the process and waits until the model is loaded (it raises
@@ -55,9 +55,6 @@ class ProcessEngine:
         self, export_dir: Path, config: EngineConfig, model_name: str, tokenizer: Tokenizer
     ) -> None:
         self.config = config
-        self.model_name = model_name
-        self.tokenizer = tokenizer
-        self.eos_token_id: int | None = tokenizer.eot_id
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
@@ -69,21 +66,14 @@ class ProcessEngine:
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit closes the pipe
         _reap_at_exit(self)
-        ready = self._recv_ready()
-        self.context_length: int = ready[1]
-        self._vocab_size: int = ready[2]
+        _, context_length, self._vocab_size, stats = self._recv_ready()
+        super().__init__(model_name, tokenizer, context_length, config.max_queue, stats)
         # Sends hold only _send_lock, never _lock, which the reader needs: a send blocked on
         # a full pipe (the child busy sending to us) must not stop the reader draining it.
         self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # guards everything below that two threads touch
-        self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
-        self._stats: EngineStats = ready[3]
         self._adds_sent = 0  # adds the child has not acknowledged count as waiting
         self._adds_seen = 0
-        self._busy = False
-        self._accepting = True
         self._stopping = False
-        self._error: str | None = None
         self._reader: threading.Thread | None = None
 
     def _recv_ready(self) -> tuple:
@@ -114,52 +104,21 @@ class ProcessEngine:
                 )
                 self._reader.start()
 
-    @property
-    def healthy(self) -> bool:
-        """False once the engine process died or its engine raised."""
-        return self._error is None
-
-    def add_request(
-        self, request_id: str, prompt_ids: list[int], params: SamplingParams
-    ) -> RequestStream:
-        """As ``AsyncEngine.add_request``: validated here, synchronously, from the config."""
-        loop = asyncio.get_running_loop()
-        if self._error is not None:
-            raise RuntimeError(f"the engine stopped after an error: {self._error}")
-        if not self._accepting:
-            raise RuntimeError("the engine is shutting down")
-        check_request(prompt_ids, params, self.context_length, self._vocab_size)
-        stream = RequestStream(request_id)
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use.")
-            pending = self._adds_sent - self._adds_seen
-            if self._stats.waiting + pending >= self.config.max_queue:
-                raise QueueFullError(
-                    f"the engine's queue is full ({self.config.max_queue} requests "
-                    "waiting); retry later"
-                )
-            self._streams[request_id] = (stream, loop)
-            self._adds_sent += 1
-        self._send(("add", request_id, [int(t) for t in prompt_ids], params))
-        return stream
-
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread (see ``AsyncEngine.abort``)."""
         self._send(("abort", request_id))
 
-    def stats(self) -> EngineStats:
-        """Gauges as of the last engine step (adds in flight to the engine count as waiting)."""
-        with self._lock:
-            s = self._stats
-            pending = self._adds_sent - self._adds_seen
-            return EngineStats(
-                s.running,
-                s.waiting + pending,
-                s.kv_cache_usage,
-                s.kv_cache_blocks_total,
-                s.kv_cache_blocks_used,
-            )
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        check_request(prompt_ids, params, self.context_length, self._vocab_size)
+
+    def _pending(self) -> int:
+        return self._adds_sent - self._adds_seen
+
+    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._adds_sent += 1
+
+    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        self._send(("add", request_id, prompt_ids, params))
 
     async def shutdown(self, timeout: float) -> None:
         """Refuse new requests, let running ones finish for up to ``timeout`` seconds, abort
@@ -204,20 +163,6 @@ class ProcessEngine:
                 self._stats, self._busy, self._adds_seen = stats, busy, adds_seen
             self._deliver(outputs, [(rid, _rebuild(kind, text)) for rid, kind, text in failed])
 
-    def _deliver(
-        self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
-    ) -> None:
-        deliver(self._lock, self._streams, outputs, failed)
-
-    def _fail(self, message: str) -> None:
-        logger.error("the engine process stopped: %s", message)
-        self._error = message
-        with self._lock:
-            streams, self._streams = self._streams, {}
-        dead = EngineDeadError(f"the engine stopped after an error: {message}")
-        for stream, loop in streams.values():
-            _call_soon(loop, stream._put, dead)
-
     def _kill(self) -> None:
         if self._process.is_alive():
             self._process.kill()
@@ -247,10 +192,10 @@ def _child_main(conn: Connection, export_dir: str, config: EngineConfig) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        from baobab.serve.loader import load_engine
+        from baobab.serve.loader import load_engine, weight_bytes
 
         if torch.device(config.device).type == "cpu":
-            torch.set_num_threads(config.num_threads())
+            torch.set_num_threads(config.num_threads(weight_bytes(Path(export_dir))))
         engine = load_engine(Path(export_dir), config)
     except Exception as err:
         conn.send(("dead", f"the model could not be loaded: {err}"))

@@ -55,13 +55,18 @@ def load_served_model(
             torch.set_num_threads(1)  # the engine process has the cores; this one serves HTTP
         return ProcessEngine(path, config, name, Tokenizer.load(path / TOKENIZER_FILE))
     if torch.device(config.device).type == "cpu":
-        torch.set_num_threads(config.num_threads())
+        torch.set_num_threads(config.num_threads(weight_bytes(path)))
     model = _load_model(path, meta, config)
     if family == "gpt":
         return AsyncEngine(load_engine(path, config, model), name)
     image_shape(model)  # refuses a regression mlp or a non-image one
     num_classes = model.cfg.num_classes if family == "resnet" else model.cfg.out_features
     return AsyncClassifier(model, name, class_labels(meta, num_classes))
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the export's weight files (what the engine's thread count depends on)."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
 def _load_model(path: Path, meta: dict, config: EngineConfig) -> torch.nn.Module:

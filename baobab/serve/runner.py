@@ -30,15 +30,21 @@ a row's result must not depend on its batch mates. What was found on CPU (torch 
   size once torch uses 2+ threads, and padding keys to a common length changes every
   reduction), and a chunk's result depends on its bounds, so chunks start at fixed
   multiples of ``prefill_chunk_size`` (the scheduler's rule, re-applied here).
-* One-query pieces (decodes) are batched instead (per-request SDPA cost ~20-40 us per
-  request and layer, a quarter of gpt-mini's step at 16 requests): each request's keys are
-  padded, masked, to a bucket length that depends on its own length only (``_bucket``),
-  and requests of one bucket go through ``matmul`` / ``softmax`` / ``matmul`` together,
-  whose per-matrix and per-row results do not depend on the batch size (checked at 1 and
-  2 threads by ``test_logits_are_bitwise_independent_of_batch_mates``).
-* Linears over the same input (wq/wk/wv, w1/w3) run as one fused linear when they go
-  through MKL: fewer calls; the fused weight is fixed, so a row's bits still depend on
-  nothing but the row.
+* One-query pieces (decodes) of small models are batched instead (per-request SDPA costs
+  ~20-60 us per request and layer, a quarter of gpt-mini's step at 16 requests): each
+  request's keys are padded, masked, to a bucket length that depends on its own length
+  only (``_bucket``), gathered into one tensor, and requests of one bucket go through
+  ``matmul`` / ``softmax`` / ``matmul`` together, whose per-matrix and per-row results do
+  not depend on the batch size (checked at 1 and 2 threads by
+  ``test_batched_decode_attention_is_bitwise_independent_of_batch_mates``). The gather
+  copies every key and value it reads, so once a request's bucket holds more than
+  ``gather_max_bytes`` per layer (the gpt2-124m shape: 768 KiB at 128 keys) the copy costs
+  more than the per-call overhead it saves, and the decode reads its cache view in place
+  with its own SDPA call, like a prefill chunk. The choice depends on the request's own
+  length only.
+* Linears over the same input (wq/wk/wv, w1/w3) run as one fused linear, packed or not:
+  fewer calls; the fused weight is fixed, so a row's bits still depend on nothing but the
+  row.
 
 ``tests/serve/test_kv_cache_runner.py`` checks this bit for bit.
 """
@@ -110,13 +116,31 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, *QUANTIZED_LINEARS))
 
 
-def _fuse(linears: list[nn.Module]) -> nn.Linear | None:
-    """One ``nn.Linear`` whose output is ``linears``' outputs side by side, or None unless
-    all are plain ``nn.Linear`` (MKL path) of one input size, all with or without bias.
+class _FusedPart(nn.Module):
+    """Output features ``start:stop`` of a fused :class:`PackedLinear`: what stands in for an
+    original linear after packing, so the model's own forward still works (computing the
+    whole fused linear for each part; the runner calls the fused one once)."""
 
-    The originals' weights become views of the fused weight: no extra memory, and the
-    model's own forward still works.
+    def __init__(self, fused: PackedLinear, start: int, stop: int) -> None:
+        super().__init__()
+        self._fused = [fused]  # a list: not registered as a submodule (not packed twice)
+        self.start, self.stop = start, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fused[0](x)[..., self.start : self.stop]
+
+
+def _fuse(parent: nn.Module, names: list[str], pack: bool) -> nn.Module | None:
+    """One linear whose output is the outputs of ``parent``'s linears ``names`` side by
+    side, or None unless all are plain ``nn.Linear`` of one input size, all with or
+    without bias.
+
+    Unpacked (MKL path), the originals' weights become views of the fused weight: no extra
+    memory, and the model's own forward still works. With ``pack`` and a fused weight big
+    enough, the result is a :class:`PackedLinear` and the originals become
+    :class:`_FusedPart` slices of it.
     """
+    linears = [getattr(parent, name) for name in names]
     first = linears[0]
     if not all(
         type(m) is nn.Linear
@@ -130,14 +154,23 @@ def _fuse(linears: list[nn.Module]) -> nn.Linear | None:
     fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
     fused.weight = nn.Parameter(weight, requires_grad=False)
     fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    packed = PackedLinear(fused) if pack and can_pack(fused, PACK_MIN_NUMEL) else None
     row = 0
-    for m in linears:
+    for name, m in zip(names, linears):
         n = m.out_features
-        m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
-        if bias is not None:
-            m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
+        if packed is not None:
+            setattr(parent, name, _FusedPart(packed, row, row + n))
+        else:
+            m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
+            if bias is not None:
+                m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
         row += n
-    return fused
+    return packed if packed is not None else fused
+
+
+# Above this many key and value bytes per layer in its bucket, a decode attends on its own
+# (module docstring): the gather's copy then costs more than one SDPA call's overhead.
+GATHER_MAX_BYTES = 2**18
 
 
 def _bucket(kv_len: int) -> int:
@@ -192,6 +225,7 @@ class ModelRunner:
         block_size: int,
         prefill_chunk_size: int,
         pack_weights: bool = True,
+        gather_max_bytes: int = GATHER_MAX_BYTES,
     ) -> None:
         if not isinstance(model, GPT):
             raise ValueError(f"the model runner serves gpt models; got a {type(model).__name__}.")
@@ -201,6 +235,15 @@ class ModelRunner:
         self.chunk = prefill_chunk_size
         self.device = next(model.parameters()).device
         self.dtype = model.tok_embeddings.weight.dtype
+        # Linears over the same input run as one (wq/wk/wv; w1/w3): fewer calls, and a
+        # bigger matrix streams closer to full bandwidth. Fused before packing, so a packed
+        # model packs the fused weights.
+        layers = list(model.layers.values())
+        self.qkv = [_fuse(b.attention, ["wq", "wk", "wv"], pack_weights) for b in layers]
+        swiglu = cfg.mlp == "swiglu"
+        self.gate_up = [
+            _fuse(b.feed_forward, ["w1", "w3"], pack_weights) if swiglu else None for b in layers
+        ]
         if pack_weights:
             pack_linears(model)
         # Rows of the batch come in fours if any block linear runs through MKL; the rows
@@ -208,14 +251,11 @@ class ModelRunner:
         blocks_mkl = any(_is_linear(m) for m in model.layers.modules())
         self.row_multiple = 4 if blocks_mkl else 1
         self.head_multiple = 1 if isinstance(model.output, PackedLinear) else 4
-        layers = list(model.layers.values())
-        self.qkv = [_fuse([b.attention.wq, b.attention.wk, b.attention.wv]) for b in layers]
-        swiglu = cfg.mlp == "swiglu"
-        self.gate_up = [
-            _fuse([b.feed_forward.w1, b.feed_forward.w3]) if swiglu else None for b in layers
-        ]
         self.q_width, self.kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.cache = KVCache(cfg, num_blocks, block_size, self.dtype, self.device)
+        # Decodes whose bucket holds at most this many keys are gathered and batched.
+        row_bytes = 2 * cfg.n_kv_head * cfg.head_dim * self.dtype.itemsize  # one key + value
+        self.gather_max_keys = gather_max_bytes // row_bytes
         self.rope = cfg.position == "rope"
         half = cfg.head_dim // 2
         self.rope_sign = torch.tensor([-1.0] * half + [1.0] * half, device=self.device)
@@ -224,19 +264,20 @@ class ModelRunner:
     # ---------------------------------------------------------------------- helpers
     def _pieces(self, seqs: Sequence[SeqInput]) -> tuple[list[_Piece], list[_Decodes]]:
         """Attention work: each request's new tokens cut at multiples of ``chunk``; pieces
-        of one query (decodes) grouped by ``_bucket`` of their key count."""
+        of one query (decodes) grouped by ``_bucket`` of their key count, unless the bucket
+        is over ``gather_max_keys``."""
         pieces, single, row = [], {}, 0
         for s in seqs:
             a, end = s.start, s.start + len(s.token_ids)
             while a < end:
                 b = min(end, (a // self.chunk + 1) * self.chunk)
                 n = b - a
-                if n == 1:
+                if n == 1 and _bucket(b) <= self.gather_max_keys:
                     single.setdefault(_bucket(b), []).append((row, s.base, b))
                     row, a = row + n, b
                     continue
                 mask = None
-                if a > 0:  # bottom-right causal: query i sees keys 0..a+i
+                if a > 0 and n > 1:  # bottom-right causal: query i sees keys 0..a+i
                     keys = torch.arange(b, device=self.device)
                     queries = torch.arange(a, b, device=self.device)
                     mask = keys[None, :] <= queries[:, None]
@@ -254,6 +295,17 @@ class ModelRunner:
             span = first if all(m[0] == first + j for j, m in enumerate(members)) else None
             groups.append(_Decodes(rows, where.flatten(), bias[None, :, None, :], span))
         return pieces, groups
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The block's norm. RMSNorm as Hugging Face Llama writes it (in float32, then the
+        weight): aten's fused rms_norm costs ~50 us a call on CPU (torch 2.13), a tenth of a
+        batch-1 decode step of the gpt2-124m shape; these few ops cost ~15 us."""
+        if type(norm) is nn.RMSNorm:
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
+            return norm.weight * xf.to(x.dtype)
+        return norm(x)
 
     def _ffn(self, i: int, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """The block's feed-forward with position-independent activations (module docstring)."""
@@ -344,7 +396,7 @@ class ModelRunner:
         rows, d = ids_t.shape[0], cfg.head_dim
         for i, layer in enumerate(model.layers.values()):
             attn = layer.attention
-            h = layer.attention_norm(x)
+            h = self._norm(layer.attention_norm, x)
             if self.qkv[i] is not None:
                 qk, v = self.qkv[i](h).split([self.q_width + self.kv_width, self.kv_width], 1)
                 qk = qk.view(rows, -1, d)  # (M, H + Hkv, D)
@@ -356,11 +408,11 @@ class ModelRunner:
             q, k = qk.split([cfg.n_head, cfg.n_kv_head], 1)  # (M, H, D), (M, Hkv, D)
             self.cache.write(i, where_t, k, v.view(rows, -1, d))
             x = x + attn.wo(self._attention(i, q.contiguous(), pieces, groups))
-            x = x + self._ffn(i, layer.feed_forward, layer.ffn_norm(x))
+            x = x + self._ffn(i, layer.feed_forward, self._norm(layer.ffn_norm, x))
         # Only the rows whose logits are wanted go through the norm and the head.
         wanted = len(out_rows)
         out_rows += [0] * (_round_up(wanted, self.head_multiple) - wanted)
-        h = model.norm(x[torch.tensor(out_rows, device=dev, dtype=torch.long)])  # (N, C)
+        h = self._norm(model.norm, x[torch.tensor(out_rows, device=dev, dtype=torch.long)])
         return model.output(h).float()[:wanted]  # (N, V)
 
 

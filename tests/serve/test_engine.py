@@ -3,6 +3,7 @@ seeds, stop strings and ids, length, logprobs, UTF-8 streaming, abort."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -28,6 +29,7 @@ from baobab.serve import (
     SamplingParams,
     load_served_model,
 )
+from baobab.serve.config import ALL_CORES_MIN_WEIGHT_BYTES
 
 PROMPT = b"abcd"  # the scripted model's prompt: its output starts at position 3
 SCRIPT_TEXT = "hi 漢字🌳 naïve <END> after"
@@ -235,6 +237,14 @@ def test_bad_requests_are_refused_with_one_sentence(exports):
 def test_engine_config_refuses_bad_values_with_one_sentence(options, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**options)
+
+
+def test_automatic_threads_leave_a_core_to_http_only_for_small_models():
+    cores = len(os.sched_getaffinity(0))
+    auto = EngineConfig()
+    assert auto.num_threads(weight_bytes=10 * 2**20) == max(1, cores - 1)
+    assert auto.num_threads(weight_bytes=ALL_CORES_MIN_WEIGHT_BYTES) == cores
+    assert EngineConfig(threads=3).num_threads(weight_bytes=2**40) == 3
 
 
 def test_a_cache_smaller_than_one_full_context_is_refused(exports):

@@ -115,6 +115,7 @@ def test_a_load_failure_is_one_message_and_leaves_no_process(tmp_path, export):
     for name in os.listdir(export):
         (broken / name).write_bytes((export / name).read_bytes())
     (broken / "model.safetensors").write_bytes(b"not safetensors")
+    before = set(multiprocessing.active_children())  # a session's shared server may hold one
     with pytest.raises(RuntimeError, match="the model could not be loaded"):
         load_model(broken, EngineConfig(**OPTIONS))
-    assert not multiprocessing.active_children()
+    assert set(multiprocessing.active_children()) <= before

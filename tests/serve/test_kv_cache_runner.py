@@ -165,14 +165,20 @@ def test_composed_activations_match_the_model_feed_forward(variant):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_batched_decode_attention_is_bitwise_independent_of_batch_mates(threads):
-    """Decodes share one attention computation per key bucket (runner docstring): a request's
-    logits are the same bits alone and among 0-15 decoding mates of any lengths, across a
-    bucket boundary (64 -> 128 keys), with grouped-query attention, at 1 and 2 threads."""
+@pytest.mark.parametrize("gathered", ["all", "up-to-64-keys", "none"])
+def test_batched_decode_attention_is_bitwise_independent_of_batch_mates(threads, gathered):
+    """Decodes share one attention computation per key bucket, or attend on their own past
+    ``gather_max_bytes`` (runner docstring): a request's logits are the same bits alone and
+    among 0-15 decoding mates of any lengths, across a bucket boundary (64 -> 128 keys),
+    with grouped-query attention, at 1 and 2 threads."""
     torch.set_num_threads(threads)  # the autouse fixture restores the count
     model = random_gpt(**LLAMA, n_head=4, n_kv_head=2)
+    row_bytes = 2 * model.cfg.n_kv_head * model.cfg.head_dim * 4
+    limit = {"all": 2**30, "up-to-64-keys": 64 * row_bytes, "none": 0}[gathered]
     runner = ModelRunner(model, num_blocks=140, block_size=16, prefill_chunk_size=8,
-                         pack_weights=False)  # fmt: skip
+                         pack_weights=False, gather_max_bytes=limit)  # fmt: skip
+    assert runner.gather_max_keys == {"all": 2**30 // row_bytes, "up-to-64-keys": 64,
+                                      "none": 0}[gathered]  # fmt: skip
     rng = random.Random(threads)
     tokens = [rng.randrange(259) for _ in range(72)]
     prefill = [SeqInput(0, a, tokens[a : a + 8], False) for a in range(0, 56, 8)]
