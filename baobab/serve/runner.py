@@ -296,17 +296,6 @@ class ModelRunner:
             groups.append(_Decodes(rows, where.flatten(), bias[None, :, None, :], span))
         return pieces, groups
 
-    @staticmethod
-    def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The block's norm. RMSNorm as Hugging Face Llama writes it (in float32, then the
-        weight): aten's fused rms_norm costs ~50 us a call on CPU (torch 2.13), a tenth of a
-        batch-1 decode step of the gpt2-124m shape; these few ops cost ~15 us."""
-        if type(norm) is nn.RMSNorm:
-            xf = x.float()
-            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.eps)
-            return norm.weight * xf.to(x.dtype)
-        return norm(x)
-
     def _ffn(self, i: int, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
         """The block's feed-forward with position-independent activations (module docstring)."""
         if self.cfg.mlp == "swiglu":
@@ -396,7 +385,7 @@ class ModelRunner:
         rows, d = ids_t.shape[0], cfg.head_dim
         for i, layer in enumerate(model.layers.values()):
             attn = layer.attention
-            h = self._norm(layer.attention_norm, x)
+            h = layer.attention_norm(x)
             if self.qkv[i] is not None:
                 qk, v = self.qkv[i](h).split([self.q_width + self.kv_width, self.kv_width], 1)
                 qk = qk.view(rows, -1, d)  # (M, H + Hkv, D)
@@ -408,11 +397,11 @@ class ModelRunner:
             q, k = qk.split([cfg.n_head, cfg.n_kv_head], 1)  # (M, H, D), (M, Hkv, D)
             self.cache.write(i, where_t, k, v.view(rows, -1, d))
             x = x + attn.wo(self._attention(i, q.contiguous(), pieces, groups))
-            x = x + self._ffn(i, layer.feed_forward, self._norm(layer.ffn_norm, x))
+            x = x + self._ffn(i, layer.feed_forward, layer.ffn_norm(x))
         # Only the rows whose logits are wanted go through the norm and the head.
         wanted = len(out_rows)
         out_rows += [0] * (_round_up(wanted, self.head_multiple) - wanted)
-        h = self._norm(model.norm, x[torch.tensor(out_rows, device=dev, dtype=torch.long)])
+        h = model.norm(x[torch.tensor(out_rows, device=dev, dtype=torch.long)])  # (N, C)
         return model.output(h).float()[:wanted]  # (N, V)
 
 
