@@ -9,8 +9,9 @@ At most ``concurrency`` requests are in flight at once. Reported per level:
 - TPOT: (end-to-end latency - TTFT) / (output tokens - 1) per request;
 - ITL: every gap between consecutive streamed token chunks;
 
-as mean, p50 and p99. The client is the standard library's ``http.client`` in threads, so
-the benchmark needs nothing beyond baobab itself.
+as mean, p50 and p99. One warm-up request goes first and is not counted. The client is the
+standard library's ``http.client`` in threads, so the benchmark needs nothing beyond
+baobab itself.
 """
 
 from __future__ import annotations
@@ -204,6 +205,9 @@ def bench_serve(
         raise ValueError(f"vocab must be at least 4 (prompt ids are 3..vocab-1), got {vocab}")
     if any(c < 1 for c in levels) or num_requests < 0:
         raise ValueError("concurrency levels must be at least 1 and num_requests 0 or more")
+    # One request first, not counted (as vLLM's bench does): the server's first steps
+    # allocate and pick kernels.
+    run_level(url, 1, 1, input_len, output_len, vocab, api_key, seed - 1)
     results = []
     for level in levels:
         count = num_requests or max(8, 4 * level)
