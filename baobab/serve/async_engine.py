@@ -164,7 +164,6 @@ class AsyncEngine(EngineClient):
             engine.stats(),
         )  # fmt: skip
         self.engine = engine
-        self.eos_token_id = engine.eos_token_id
         self._new: list[tuple[str, list[int], SamplingParams]] = []
         self._aborts: list[str] = []
         self._stop = False

@@ -235,9 +235,9 @@ class ModelRunner:
         self.chunk = prefill_chunk_size
         self.device = next(model.parameters()).device
         self.dtype = model.tok_embeddings.weight.dtype
-        # Linears over the same input run as one (wq/wk/wv; w1/w3): fewer calls, and a
-        # bigger matrix streams closer to full bandwidth. Fused before packing, so a packed
-        # model packs the fused weights.
+        # Linears over the same input run as one (wq/wk/wv; w1/w3): fewer calls, each
+        # with its fixed per-call cost. Fused before packing, so a packed model packs the
+        # fused weights.
         layers = list(model.layers.values())
         self.qkv = [_fuse(b.attention, ["wq", "wk", "wv"], pack_weights) for b in layers]
         swiglu = cfg.mlp == "swiglu"
