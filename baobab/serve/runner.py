@@ -385,7 +385,7 @@ class ModelRunner:
         rows, d = ids_t.shape[0], cfg.head_dim
         for i, layer in enumerate(model.layers.values()):
             attn = layer.attention
-            h = layer.attention_norm(x)
+            h = _norm(layer.attention_norm, x)
             if self.qkv[i] is not None:
                 qk, v = self.qkv[i](h).split([self.q_width + self.kv_width, self.kv_width], 1)
                 qk = qk.view(rows, -1, d)  # (M, H + Hkv, D)
@@ -397,12 +397,22 @@ class ModelRunner:
             q, k = qk.split([cfg.n_head, cfg.n_kv_head], 1)  # (M, H, D), (M, Hkv, D)
             self.cache.write(i, where_t, k, v.view(rows, -1, d))
             x = x + attn.wo(self._attention(i, q.contiguous(), pieces, groups))
-            x = x + self._ffn(i, layer.feed_forward, layer.ffn_norm(x))
+            x = x + self._ffn(i, layer.feed_forward, _norm(layer.ffn_norm, x))
         # Only the rows whose logits are wanted go through the norm and the head.
         wanted = len(out_rows)
         out_rows += [0] * (_round_up(wanted, self.head_multiple) - wanted)
-        h = model.norm(x[torch.tensor(out_rows, device=dev, dtype=torch.long)])  # (N, C)
+        h = _norm(model.norm, x[torch.tensor(out_rows, device=dev, dtype=torch.long)])  # (N, C)
         return model.output(h).float()[:wanted]  # (N, V)
+
+
+def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` through its functional form: the same kernel without the module call
+    (~12 us each, measured for nn.RMSNorm; nine per gpt-mini step)."""
+    if type(norm) is nn.RMSNorm:
+        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+    if type(norm) is nn.LayerNorm:
+        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return norm(x)
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -31,17 +31,28 @@ def sample_rows(
     """One token per row of ``logits`` (N, V) float32, row i sampled by ``params[i]``."""
     greedy = [i for i, p in enumerate(params) if p.temperature <= 0]
     if len(greedy) == len(params):  # one argmax per row: the same for any row count
-        return logits.argmax(-1).tolist()
-    tokens: list[torch.Tensor | None] = [None] * len(params)
+        return argmax_rows(logits)
+    tokens: list[torch.Tensor | int | None] = [None] * len(params)
     if greedy:
-        for i, t in zip(greedy, logits[greedy].argmax(-1).unbind(0)):
+        for i, t in zip(greedy, argmax_rows(logits[greedy])):
             tokens[i] = t
     for i, p in enumerate(params):
         if p.temperature > 0:
             tokens[i] = sample_next(
                 logits[i : i + 1], p.temperature, p.top_k, p.top_p, generators[i]
             )[0]
-    return torch.stack(tokens).tolist() if tokens else []
+    return [int(t) for t in tokens]
+
+
+def argmax_rows(logits: torch.Tensor) -> list[int]:
+    """The first index of each row's maximum of ``logits`` (N, V), as torch's argmax.
+
+    On CPU through numpy: torch's CPU argmax along rows took 155 us for 16 x 4096 float32
+    where numpy's took 10 us (one thread), 2% of gpt-mini's step at 16 requests.
+    """
+    if logits.device.type == "cpu":
+        return logits.numpy().argmax(-1).tolist()
+    return logits.argmax(-1).tolist()
 
 
 def top_logprobs(
