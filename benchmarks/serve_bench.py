@@ -46,7 +46,8 @@ from baobab.data import stdlib_files
 from baobab.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
 from baobab.export import export_hf
 from baobab.export.artifact import save_exported
-from baobab.serve.bench import format_table, run_level
+from baobab.serve.bench import format_table, run_levels
+from baobab.serve.loader import weight_bytes
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -172,14 +173,6 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def weight_bytes(export: Path) -> int:
-    """Bytes a decode step reads: every stored weight once (tied tensors are stored once)."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(export / "model.safetensors")
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     export, hf_dir, vocab = make_exports(name, work, args.seed)
     bandwidth_before = copy_bandwidth()
@@ -187,14 +180,9 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     base = f"http://127.0.0.1:{port}"
     server = start_server(export, port)
     try:
-        # A warm-up request, not counted (as ``baobab bench serve`` sends).
-        run_level(base, 1, 1, args.input_len, args.output_len, vocab, seed=args.seed - 1)
-        levels = [
-            run_level(
-                base, c, max(8, 4 * c), args.input_len, args.output_len, vocab, seed=args.seed + c
-            )  # fmt: skip
-            for c in args.concurrency
-        ]
+        levels = run_levels(
+            base, args.concurrency, 0, args.input_len, args.output_len, vocab, seed=args.seed
+        )
         import random
 
         rng = random.Random(args.seed)

@@ -156,6 +156,28 @@ def run_level(
     }
 
 
+def run_levels(
+    base: str,
+    levels: list[int],
+    num_requests: int,
+    input_len: int,
+    output_len: int,
+    vocab: int,
+    api_key: str | None = None,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One warm-up request, not counted, then :func:`run_level` for each concurrency in
+    ``levels`` with ``num_requests`` requests (0: 4 x concurrency, at least 8)."""
+    # The warm-up as vLLM's bench sends it: the server's first steps allocate and pick kernels.
+    run_level(base, 1, 1, input_len, output_len, vocab, api_key, seed - 1)
+    return [
+        run_level(
+            base, c, num_requests or max(8, 4 * c), input_len, output_len, vocab, api_key, seed + c
+        )
+        for c in levels
+    ]
+
+
 def format_table(levels: list[dict[str, Any]]) -> str:
     """A markdown table of run_level results."""
     rows = [
@@ -205,15 +227,7 @@ def bench_serve(
         raise ValueError(f"vocab must be at least 4 (prompt ids are 3..vocab-1), got {vocab}")
     if any(c < 1 for c in levels) or num_requests < 0:
         raise ValueError("concurrency levels must be at least 1 and num_requests 0 or more")
-    # One request first, not counted (as vLLM's bench does): the server's first steps
-    # allocate and pick kernels.
-    run_level(url, 1, 1, input_len, output_len, vocab, api_key, seed - 1)
-    results = []
-    for level in levels:
-        count = num_requests or max(8, 4 * level)
-        results.append(
-            run_level(url, level, count, input_len, output_len, vocab, api_key, seed + level)
-        )
+    results = run_levels(url, levels, num_requests, input_len, output_len, vocab, api_key, seed)
     print(format_table(results))
     if out:
         with open(out, "w") as f:

@@ -65,7 +65,9 @@ def load_served_model(
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes of the export's weight files (what the engine's thread count depends on)."""
+    """Bytes of the export's weight files: what a decode step reads (tied tensors are stored
+    once; the safetensors header adds a few KB) and what the engine's thread count depends
+    on."""
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
