@@ -139,6 +139,17 @@ class EngineClient:
     def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         """Hand the request to the engine (after ``_lock`` is released)."""
 
+    async def _drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for the engine to finish every request it was
+        handed (shutdown, once new ones are refused); returns early if the engine dies."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        while self._error is None and loop.time() < deadline:
+            with self._lock:
+                if not self._busy and not self._pending():
+                    return
+            await asyncio.sleep(0.01)
+
     def _deliver(
         self, outputs: list[RequestOutput], failed: list[tuple[str, BaseException]]
     ) -> None:
@@ -201,14 +212,8 @@ class AsyncEngine(EngineClient):
         """Refuse new requests, let running ones finish for up to ``timeout`` seconds, abort
         the rest, and stop the thread."""
         self._accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        while self._error is None and loop.time() < deadline:
-            with self._lock:
-                idle = not self._busy and not self._new
-            if idle or self._thread is None:
-                break
-            await asyncio.sleep(0.01)
+        if self._thread is not None:  # a never-started engine makes no progress to wait for
+            await self._drain(timeout)
         with self._lock:
             self._stop = True
         self.start()  # a never-started engine still aborts what was queued, then exits

@@ -124,14 +124,7 @@ class ProcessEngine(EngineClient):
         """Refuse new requests, let running ones finish for up to ``timeout`` seconds, abort
         the rest, and stop the engine process."""
         self._accepting = False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        while self._error is None and loop.time() < deadline:
-            with self._lock:
-                idle = not self._busy and self._adds_sent == self._adds_seen
-            if idle:
-                break
-            await asyncio.sleep(0.01)
+        await self._drain(timeout)
         self.start()  # a never-started engine's outputs (aborts) are still delivered
         self._stopping = True
         self._send(("stop",))
