@@ -59,6 +59,13 @@ def init(comm: object = None, process_sets: object = None, *, backend: str | Non
     env = os.environ
     owns = False
     if not dist.is_initialized() and "RANK" in env and "WORLD_SIZE" in env:
+        # Imported before the group exists, on purpose: importing torch._dynamo once a group
+        # exists (an optimizer step does) leaves that group referenced inside torch, so
+        # destroy_process_group cannot stop its gloo threads. A gloo thread still freeing a
+        # collective's tensors during interpreter exit then aborts the process ("terminate
+        # called without an active exception"). Imported first, shutdown() stops them.
+        import torch._dynamo  # noqa: F401
+
         dist.init_process_group(backend=backend or default_backend())
         owns = True
     if not dist.is_initialized():
@@ -89,13 +96,8 @@ def shutdown() -> None:
     """Leave baobab.horovod; destroys the process group only if ``init()`` created it."""
     global _topology
     if _topology is not None and _topology.owns_group and dist.is_initialized():
-        # A gloo worker thread drops each finished collective's tensors just after the
-        # caller saw it complete, and dropping a tensor Python can see takes the GIL. Once
-        # torch has touched the group (an optimizer step does), destroy_process_group leaves
-        # its threads running, so a drop that lands during interpreter exit aborts the
-        # process ("terminate called without an active exception"; 2 of 61 runs of the
-        # unit worker under load). The barrier holds no Python tensors and needs a round
-        # trip through every rank, time in which those drops finish (0 of 60 runs).
+        # Every rank's collectives are done before any rank tears its group down (and the
+        # gloo threads that destroy_process_group joins are idle by then; see init()).
         if _topology.distributed:
             dist.barrier()
         dist.destroy_process_group()
