@@ -1,19 +1,24 @@
-"""Serving throughput and latency: ``baobab serve`` against Hugging Face ``generate``, one run.
+"""Serving throughput and latency: ``baobab serve`` against Hugging Face ``generate``.
 
 For each model (gpt-mini and the gpt2-124m shape by default):
 
 1. the weights are written twice: as a baobab export (served by ``baobab serve`` in a child
-   process on a loopback port) and as a Hugging Face directory (``baobab.export.export_hf``);
-2. ``baobab bench serve`` (``baobab.serve.bench``) sends random prompts of ``--input-len``
-   tokens asking for exactly ``--output-len`` tokens, at concurrency 1, 4 and 16;
-3. in this process, after the server stopped, ``transformers`` ``generate`` (greedy, fixed
-   output length) on the same weights, warmed up like the server: the same prompts one at
-   a time, then as one static batch of 16 (the best of three runs);
-4. the batch-1 decode rate is compared with the memory-bandwidth limit: copy bandwidth
-   measured here (STREAM-style, bytes read + written) over the weight bytes read per token.
-   On a shared VM the bandwidth moves by a quarter from minute to minute, so it is measured
-   before the server starts and after HF's runs, and the higher (the stricter limit) counts;
-5. greedy text from the server must equal Hugging Face's on the same prompts.
+   process on a loopback port) and as a Hugging Face directory (``baobab.export.export_hf``),
+   which ``transformers`` loads in this process and warms up;
+2. ``--rounds`` rounds (3) of:
+
+   - ``baobab bench serve`` (``baobab.serve.bench``): random prompts of ``--input-len``
+     tokens asking for exactly ``--output-len`` tokens, at concurrency 1, 4 and 16;
+   - the copy bandwidth (STREAM-style, bytes read + written) just before and just after
+     those levels; the higher of the two (the stricter limit) over the weight bytes read
+     per token is the batch-1 limit the concurrency-1 decode rate is compared with;
+   - HF ``generate`` (greedy, fixed output length) of one static batch of as many prompts
+     as the top concurrency, while the server idles;
+
+   this shared VM's speed moves by a quarter from minute to minute, so each ratio is taken
+   within a round and the median round counts (every round is printed too);
+3. HF ``generate`` of ``--hf-requests`` prompts one at a time, after the server stopped;
+4. greedy text from the server must equal Hugging Face's on the same prompts.
 
 gpt-mini uses the quickstart checkpoint when ``runs/quickstart`` exists (run ``baobab
 quickstart`` first), otherwise a seeded random init; gpt2-124m is a seeded random init
@@ -31,7 +36,9 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,36 +135,33 @@ def greedy_texts(base: str, prompts: list[list[int]], output_len: int) -> list[s
     return texts
 
 
-def hf_generate(
-    hf_dir: Path, prompts: list[list[int]], output_len: int, batch: int, repeats: int = 3
-) -> dict:
-    """Greedy generate of exactly ``output_len`` tokens; tokens/s one at a time and batched.
+class HFBaseline:
+    """``transformers`` ``generate`` on the Hugging Face twin of the export: greedy, exactly
+    ``output_len`` new tokens (no early stop), in this process."""
 
-    Each way is warmed up first (the first call at a new batch shape allocates and picks
-    kernels), and the static batch keeps its best of ``repeats`` runs: the baseline at its
-    fastest, as the server is measured warm.
-    """
-    from transformers import AutoModelForCausalLM
+    def __init__(self, hf_dir: Path, output_len: int) -> None:
+        from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    # No early stop and no EOS suppression: every sequence gets exactly output_len tokens.
-    options = dict(max_new_tokens=output_len, do_sample=False, eos_token_id=None, pad_token_id=0)
-    group = torch.tensor(prompts[:batch])  # equal lengths: a static batch with no padding
-    outputs = []
-    with torch.inference_mode():
-        model.generate(torch.tensor([prompts[0]]), **options)  # warm-up
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+        self.options = dict(max_new_tokens=output_len, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)  # fmt: skip
+        self.output_len = output_len
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+        """One ``generate`` call over ``prompts`` as one batch (equal lengths: no padding);
+        returns output tokens/s and the new ids of each prompt."""
         start = time.perf_counter()
+        ids = self.model.generate(torch.tensor(prompts), **self.options)
+        tok_s = len(prompts) * self.output_len / (time.perf_counter() - start)
+        return tok_s, ids[:, len(prompts[0]) :].tolist()
+
+    def one_at_a_time(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
+        """Each prompt on its own, one after another; returns the overall tokens/s."""
+        start, outputs = time.perf_counter(), []
         for prompt in prompts:
-            ids = model.generate(torch.tensor([prompt]), **options)
-            outputs.append(ids[0, len(prompt) :].tolist())
-        single = len(prompts) * output_len / (time.perf_counter() - start)
-        model.generate(group, **options)  # warm-up
-        batched = 0.0
-        for _ in range(repeats):
-            start = time.perf_counter()
-            model.generate(group, **options)
-            batched = max(batched, len(group) * output_len / (time.perf_counter() - start))
-    return {"one_at_a_time_tok_s": single, "static_batch_tok_s": batched, "ids": outputs}
+            outputs += self.generate([prompt])[1]
+        return len(prompts) * self.output_len / (time.perf_counter() - start), outputs
 
 
 def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
@@ -173,49 +177,105 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def median_levels(rounds: list[list[dict]]) -> list[dict]:
+    """Per concurrency level, the median over rounds of every number (and of every number
+    in a nested summary such as ``tpot_ms``)."""
+    merged = []
+    for same_level in zip(*rounds):
+        level = dict(same_level[0])
+        for key, value in level.items():
+            if isinstance(value, dict):
+                level[key] = {k: _median([r[key][k] for r in same_level]) for k in value}
+            elif isinstance(value, float):
+                level[key] = _median([r[key] for r in same_level])
+        merged.append(level)
+    return merged
+
+
 def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
+    """``args.rounds`` rounds of: copy bandwidth, every concurrency level against the
+    server, copy bandwidth again, HF's static batch; then HF one at a time and the greedy
+    parity check. Each target is a ratio within one round (the two sides minutes apart, not
+    tens of minutes), and the median round's ratio is the result."""
     export, hf_dir, vocab = make_exports(name, work, args.seed)
-    bandwidth_before = copy_bandwidth()
+    top = max(args.concurrency)
+    rng = random.Random(args.seed)
+    singles, batch = ([[rng.randrange(3, vocab) for _ in range(args.input_len)]
+                       for _ in range(n)] for n in (args.hf_requests, top))  # fmt: skip
+    hf = HFBaseline(hf_dir, args.output_len)
+    hf.generate(singles[:1]), hf.generate(batch)  # warm-ups: first calls allocate, pick kernels
+    weights = weight_bytes(export)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = start_server(export, port)
+    rounds = []
     try:
-        levels = run_levels(
-            base, args.concurrency, 0, args.input_len, args.output_len, vocab, seed=args.seed
-        )
-        import random
-
-        rng = random.Random(args.seed)
-        prompts = [[rng.randrange(3, vocab) for _ in range(args.input_len)]
-                   for _ in range(args.hf_requests)]  # fmt: skip
-        served = greedy_texts(base, prompts[: args.parity_prompts], args.output_len)
+        for r in range(args.rounds):
+            before = copy_bandwidth()
+            levels = run_levels(
+                base, args.concurrency, 0, args.input_len, args.output_len, vocab, seed=args.seed
+            )
+            after = copy_bandwidth()
+            hf_static, _ = hf.generate(batch)  # the server is idle meanwhile
+            by_level = {level["concurrency"]: level for level in levels}
+            decode_tok_s = 1000.0 / by_level[1]["tpot_ms"]["p50"] if 1 in by_level else 0.0
+            limit = max(before, after) / weights
+            rounds.append({
+                "levels": levels,
+                "copy_bandwidth_before_after_gb_s": [before / 1e9, after / 1e9],
+                "hf_static_batch_tok_s": hf_static,
+                "vs_hf_static_batch": by_level[top]["output_token_throughput"] / hf_static,
+                "batch1_decode_tok_s": decode_tok_s,
+                "bandwidth_limit_tok_s": limit,
+                "fraction_of_bandwidth_limit": decode_tok_s / limit,
+            })  # fmt: skip
+            print(
+                f"{name} round {r + 1}/{args.rounds}: concurrency {top} "
+                f"{by_level[top]['output_token_throughput']:,.0f} tok/s, HF static batch "
+                f"{hf_static:,.0f} tok/s ({rounds[-1]['vs_hf_static_batch']:.2f}x); batch-1 "
+                f"{decode_tok_s:.1f} tok/s = {rounds[-1]['fraction_of_bandwidth_limit']:.0%} of "
+                f"{limit:.1f} (copy {before / 1e9:.1f} / {after / 1e9:.1f} GB/s)",
+                flush=True,
+            )
+        served = greedy_texts(base, singles[: args.parity_prompts], args.output_len)
     finally:
         server.terminate()
         server.wait(timeout=120)
-    hf = hf_generate(hf_dir, prompts, args.output_len, max(args.concurrency))
+    hf_single, hf_ids = hf.one_at_a_time(singles)
     tok = Tokenizer.load(export / "tokenizer.json")
-    hf_texts = [tok.decode(ids) for ids in hf["ids"][: args.parity_prompts]]
-    bandwidth_after, weights = copy_bandwidth(), weight_bytes(export)
-    bandwidth = max(bandwidth_before, bandwidth_after)
-    top = next(level for level in levels if level["concurrency"] == max(args.concurrency))
-    one = next(level for level in levels if level["concurrency"] == 1)
-    decode_tok_s = 1000.0 / one["tpot_ms"]["p50"]
-    limit = bandwidth / weights
+    hf_texts = [tok.decode(ids) for ids in hf_ids[: args.parity_prompts]]
+    top_tok_s = _median([
+        next(lv for lv in rnd["levels"] if lv["concurrency"] == top)["output_token_throughput"]
+        for rnd in rounds
+    ])  # fmt: skip
     return {
         "model": name,
-        "levels": levels,
-        "hf_one_at_a_time_tok_s": hf["one_at_a_time_tok_s"],
-        "hf_static_batch_tok_s": hf["static_batch_tok_s"],
-        "vs_hf_one_at_a_time": top["output_token_throughput"] / hf["one_at_a_time_tok_s"],
-        "vs_hf_static_batch": top["output_token_throughput"] / hf["static_batch_tok_s"],
-        "copy_bandwidth_gb_s": bandwidth / 1e9,
-        "copy_bandwidth_before_after_gb_s": [bandwidth_before / 1e9, bandwidth_after / 1e9],
+        "rounds": rounds,
+        "levels": median_levels([rnd["levels"] for rnd in rounds]),
         "weight_mb": weights / 1e6,
-        "batch1_decode_tok_s": decode_tok_s,
-        "bandwidth_limit_tok_s": limit,
-        "fraction_of_bandwidth_limit": decode_tok_s / limit,
+        "hf_one_at_a_time_tok_s": hf_single,
+        "vs_hf_one_at_a_time": top_tok_s / hf_single,
+        **{
+            key: _median([rnd[key] for rnd in rounds])
+            for key in (
+                "hf_static_batch_tok_s",
+                "vs_hf_static_batch",
+                "batch1_decode_tok_s",
+                "bandwidth_limit_tok_s",
+                "fraction_of_bandwidth_limit",
+            )
+        },  # fmt: skip
         "greedy_equal_to_hf": served == hf_texts,
     }
+
+
+def each(rounds: list[dict], key: str, fmt: str) -> str:
+    """``key`` of every round, formatted, joined by slashes."""
+    return " / ".join(format(rnd[key], fmt) for rnd in rounds)
 
 
 def main() -> None:
@@ -227,27 +287,31 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
+    if 1 not in args.concurrency:
+        parser.error("--concurrency must include 1 (the batch-1 decode rate comes from it)")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             result = bench_model(name, args, Path(tmp))
             results.append(result)
-            before, after = result["copy_bandwidth_before_after_gb_s"]
-            print(f"\n## {name}\n")
+            rounds = result["rounds"]
+            print(f"\n## {name}: medians of {len(rounds)} rounds\n")
             print(format_table(result["levels"]))
             print(
                 f"\nHF generate: one at a time {result['hf_one_at_a_time_tok_s']:,.0f} tok/s, "
-                f"static batch {result['hf_static_batch_tok_s']:,.0f} tok/s; baobab at "
-                f"concurrency {max(args.concurrency)}: {result['vs_hf_one_at_a_time']:.2f}x "
-                f"one-at-a-time, {result['vs_hf_static_batch']:.2f}x static batch"
+                f"static batch of {max(args.concurrency)} {result['hf_static_batch_tok_s']:,.0f} "
+                f"tok/s; baobab at concurrency {max(args.concurrency)}: "
+                f"{result['vs_hf_one_at_a_time']:.2f}x one at a time, "
+                f"{result['vs_hf_static_batch']:.2f}x static batch (rounds: "
+                f"{each(rounds, 'vs_hf_static_batch', '.2f')})"
             )
             print(
-                f"batch-1 decode {result['batch1_decode_tok_s']:,.0f} tok/s = "
+                f"batch-1 decode {result['batch1_decode_tok_s']:,.1f} tok/s = "
                 f"{result['fraction_of_bandwidth_limit']:.0%} of the bandwidth limit "
-                f"{result['bandwidth_limit_tok_s']:,.0f} tok/s ({result['weight_mb']:.1f} MB of "
-                f"weights, copy bandwidth {result['copy_bandwidth_gb_s']:.1f} GB/s, the higher of "
-                f"{before:.1f} before and {after:.1f} after); greedy "
+                f"{result['bandwidth_limit_tok_s']:,.1f} tok/s ({result['weight_mb']:.1f} MB of "
+                f"weights; rounds: {each(rounds, 'fraction_of_bandwidth_limit', '.0%')}); greedy "
                 f"text equal to HF: {result['greedy_equal_to_hf']}"
             )
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -197,7 +197,7 @@ def format_table(levels: list[dict[str, Any]]) -> str:
 
 def bench_serve(
     url: str = "http://127.0.0.1:8000",
-    concurrency: list[int] | None = None,
+    concurrency: int | list[int] | None = None,
     num_requests: int = 0,
     input_len: int = 32,
     output_len: int = 64,
@@ -210,7 +210,7 @@ def bench_serve(
 
     Args:
         url: the server's base URL.
-        concurrency: request concurrency levels to run, in order (default 1, 4, 16).
+        concurrency: one level (``16``) or levels to run in order (``[1,4,16]``, the default).
         num_requests: requests per level (0: 4 x concurrency, at least 8).
         input_len: prompt length in tokens (random ids).
         output_len: tokens generated per request (the server ignores end-of-text).
@@ -219,7 +219,7 @@ def bench_serve(
         seed: seeds the random prompts.
         out: also write the results as JSON to this file.
     """
-    levels = concurrency or [1, 4, 16]
+    levels = [concurrency] if isinstance(concurrency, int) else (concurrency or [1, 4, 16])
     for key, value in (("input_len", input_len), ("output_len", output_len)):
         if value < 1:
             raise ValueError(f"{key} must be positive, got {value}")

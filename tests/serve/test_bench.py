@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
@@ -42,3 +44,14 @@ def test_bench_serve_refuses_bad_settings_and_reports_failures(lm_server):
     level = run_level(lm_server.url, 2, 2, 8, 10_000, 256)
     assert (level["completed"], level["failed"]) == (0, 2)
     assert "HTTP 400" in level["first_error"]
+
+
+@pytest.mark.parametrize("levels", ["2", "[1,2]"])
+def test_bench_serve_cli_takes_one_level_or_a_list(levels):
+    # Both spellings parse; with no server there, the one-sentence error and exit 1 follow.
+    cmd = [sys.executable, "-m", "baobab", "bench", "serve", "--url", "http://127.0.0.1:9",
+           "--concurrency", levels, "--num_requests", "1"]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "cannot reach a server at 'http://127.0.0.1:9'" in run.stderr
+    assert "Traceback" not in run.stderr
