@@ -28,8 +28,10 @@ from baobab.serve.metrics import ServerMetrics
 from baobab.serve.types import (
     PromptTooLongError,
     QueueFullError,
+    RequestOutput,
     SamplingParams,
     TokenLogprob,
+    merge_outputs,
 )
 
 T = TypeVar("T")
@@ -169,19 +171,20 @@ async def _merged(ctx: Context, rid: str, streams: list, arrival: float):
                 if not ctx.engine.healthy:
                     raise EngineFailure("the engine stopped while generating") from None
                 continue
-            i, out = getter.result()
-            if isinstance(out, Exception):
-                raise EngineFailure(f"the engine failed: {out}") from None
-            now = time.monotonic()
-            if out.token_ids:
-                if i not in last:
-                    ctx.metrics.first_token(now - arrival)
-                ctx.metrics.tokens(len(out.token_ids), now - last[i] if i in last else None)
-                last[i] = now
-            if out.finished:
-                open_.discard(i)
-                ctx.metrics.finished(out.finish_reason or "stop", now - arrival)
-            yield i, out
+            arrived = [getter.result()]
+            while not queue.empty():  # fell behind: what waits goes out as one event per choice
+                arrived.append(queue.get_nowait())
+            for i, out in _coalesced(arrived):
+                now = time.monotonic()
+                if out.token_ids:
+                    if i not in last:
+                        ctx.metrics.first_token(now - arrival)
+                    ctx.metrics.tokens(len(out.token_ids), now - last[i] if i in last else None)
+                    last[i] = now
+                if out.finished:
+                    open_.discard(i)
+                    ctx.metrics.finished(out.finish_reason or "stop", now - arrival)
+                yield i, out
     finally:
         # Client gone, handler cancelled or engine failure: free the KV cache now.
         for i in open_:
@@ -189,6 +192,18 @@ async def _merged(ctx: Context, rid: str, streams: list, arrival: float):
             ctx.metrics.finished("abort", time.monotonic() - arrival)
         for task in tasks:
             task.cancel()
+
+
+def _coalesced(arrived: list[tuple[int, Any]]) -> list[tuple[int, RequestOutput]]:
+    """(choice index, output) pairs that were waiting together, one merged output per
+    choice, in order of first arrival; EngineFailure if an engine error is among them (the
+    request is lost anyway)."""
+    runs: dict[int, list[RequestOutput]] = {}
+    for i, out in arrived:
+        if isinstance(out, Exception):
+            raise EngineFailure(f"the engine failed: {out}") from None
+        runs.setdefault(i, []).append(out)
+    return [(i, merge_outputs(outs)) for i, outs in runs.items()]
 
 
 async def _collect(ctx: Context, rid: str, streams: list, arrival: float) -> list[_Choice]:

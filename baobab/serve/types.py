@@ -78,6 +78,25 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive increments of one request as one increment (the invariants hold): what a
+    stream that fell behind sends instead of one event per increment, as vLLM does."""
+    last = outputs[-1]
+    if len(outputs) == 1:
+        return last
+    logprobs = [lp for out in outputs for lp in out.logprobs or []]
+    return RequestOutput(
+        request_id=last.request_id,
+        token_ids=[t for out in outputs for t in out.token_ids],
+        text="".join(out.text for out in outputs),
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        logprobs=logprobs if any(out.logprobs is not None for out in outputs) else None,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+    )
+
+
 @dataclass
 class EngineStats:
     """Gauges the server exports on /metrics."""
