@@ -177,10 +177,6 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def median_levels(rounds: list[list[dict]]) -> list[dict]:
     """Per concurrency level, the median over rounds of every number (and of every number
     in a nested summary such as ``tpot_ms``)."""
@@ -189,9 +185,9 @@ def median_levels(rounds: list[list[dict]]) -> list[dict]:
         level = dict(same_level[0])
         for key, value in level.items():
             if isinstance(value, dict):
-                level[key] = {k: _median([r[key][k] for r in same_level]) for k in value}
+                level[key] = {k: statistics.median([r[key][k] for r in same_level]) for k in value}
             elif isinstance(value, float):
-                level[key] = _median([r[key] for r in same_level])
+                level[key] = statistics.median([r[key] for r in same_level])
         merged.append(level)
     return merged
 
@@ -207,7 +203,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     singles, batch = ([[rng.randrange(3, vocab) for _ in range(args.input_len)]
                        for _ in range(n)] for n in (args.hf_requests, top))  # fmt: skip
     hf = HFBaseline(hf_dir, args.output_len)
-    hf.generate(singles[:1]), hf.generate(batch)  # warm-ups: first calls allocate, pick kernels
+    hf.generate(singles[:1])  # warm-ups: the first call at a shape allocates and picks kernels
+    hf.generate(batch)
     weights = weight_bytes(export)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -248,7 +245,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
     hf_single, hf_ids = hf.one_at_a_time(singles)
     tok = Tokenizer.load(export / "tokenizer.json")
     hf_texts = [tok.decode(ids) for ids in hf_ids[: args.parity_prompts]]
-    top_tok_s = _median([
+    top_tok_s = statistics.median([
         next(lv for lv in rnd["levels"] if lv["concurrency"] == top)["output_token_throughput"]
         for rnd in rounds
     ])  # fmt: skip
@@ -260,7 +257,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
         "hf_one_at_a_time_tok_s": hf_single,
         "vs_hf_one_at_a_time": top_tok_s / hf_single,
         **{
-            key: _median([rnd[key] for rnd in rounds])
+            key: statistics.median([rnd[key] for rnd in rounds])
             for key in (
                 "hf_static_batch_tok_s",
                 "vs_hf_static_batch",
