@@ -56,10 +56,11 @@ def test_a_handler_that_fell_behind_gets_one_merged_output(tmp_path):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
     async def main():
-        served.start()
-        # Same prompt, same steps: when the first handler has its last output, every output
-        # of the second is already waiting for a handler that has not read any yet.
+        # Both queued before the engine thread starts, so they run in the same steps: when
+        # the first handler has its last output, every output of the second is already
+        # waiting for a handler that has not read any yet.
         first, second = (served.add_request(f"{r}-0", [1, 2, 3], params) for r in "ab")
+        served.start()
         eager = [out async for _, out in _merged(ctx, "a", [first], 0.0)]
         late = [out async for _, out in _merged(ctx, "b", [second], 0.0)]
         await served.shutdown(timeout=5)
