@@ -219,7 +219,7 @@ def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
             after = copy_bandwidth()
             hf_static, _ = hf.generate(batch)  # the server is idle meanwhile
             by_level = {level["concurrency"]: level for level in levels}
-            decode_tok_s = 1000.0 / by_level[1]["tpot_ms"]["p50"] if 1 in by_level else 0.0
+            decode_tok_s = 1000.0 / by_level[1]["tpot_ms"]["p50"]  # main() asks for level 1
             limit = max(before, after) / weights
             rounds.append({
                 "levels": levels,
