@@ -1,10 +1,11 @@
 """The engine on a background thread, for asyncio servers.
 
 All torch work runs on one engine thread, so the event loop only ever waits on queues.
-``add_request`` validates synchronously (so the server can answer 400/429 at once) and
-hands the request over; the thread folds new requests and aborts into the engine between
-steps, runs ``step()``, and delivers each output to its :class:`RequestStream` with
-``loop.call_soon_threadsafe`` (one call per loop per step).
+``add_requests`` validates and admits a request's choices synchronously, in one check (so
+the server can answer 400/429 at once, having handed nothing over; the rule is
+``EngineClient._admit``), and hands them over; the thread folds new requests and aborts
+into the engine between steps, runs ``step()``, and delivers each output to its
+:class:`RequestStream` with ``loop.call_soon_threadsafe`` (one call per loop per step).
 """
 
 from __future__ import annotations
@@ -12,16 +13,24 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import dataclasses
 import logging
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
 from baobab.data.tokenizer import Tokenizer
 from baobab.serve.engine import Engine
-from baobab.serve.types import EngineStats, QueueFullError, RequestOutput, SamplingParams
+from baobab.serve.types import (
+    EngineStats,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+    TooManyChoicesError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +68,26 @@ class EngineClient:
     """What the HTTP layer talks to, whatever runs the engine: request admission, streams,
     gauges and failure. :class:`AsyncEngine` (a thread here) and
     :class:`~baobab.serve.engine_process.ProcessEngine` (a child process) fill in how a
-    request reaches the engine (``_check``, ``_enqueue``, ``_submit``, ``_pending``)."""
+    request reaches the engine (``_check``, ``_enqueue``, ``_submit``) and report each
+    engine round with :meth:`_acknowledge`."""
 
     def __init__(
-        self, model_name: str, tokenizer: Tokenizer, context_length: int, max_queue: int,
-        stats: EngineStats,
+        self, model_name: str, tokenizer: Tokenizer, context_length: int, max_num_seqs: int,
+        max_queue: int, stats: EngineStats,
     ) -> None:  # fmt: skip
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.eos_token_id: int | None = tokenizer.eot_id
         self.context_length = context_length
+        self.max_num_seqs = max_num_seqs
         self.max_queue = max_queue
         self._lock = threading.Lock()  # guards everything below that two threads touch
         self._streams: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
-        self._stats = stats  # as of the engine's last step
+        self._stats = stats  # as of the engine's last round
+        # Adds handed over, and adds the engine had taken in when it computed ``_stats``:
+        # the difference is in flight, in neither ``_stats.waiting`` nor ``_stats.running``.
+        self._adds_sent = 0
+        self._adds_seen = 0
         self._busy = False  # the engine holds unfinished requests
         self._accepting = True
         self._error: str | None = None
@@ -86,51 +101,102 @@ class EngineClient:
     def add_request(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> RequestStream:
-        """Submit a request from the running event loop; its outputs arrive on the stream.
+        """Submit one request from the running event loop (see :meth:`add_requests`)."""
+        return self.add_requests([(request_id, prompt_ids, params)])[0]
 
-        Raises at once: PromptTooLongError, ValueError (bad prompt ids), QueueFullError, or
-        RuntimeError when the engine is shutting down or has died.
+    def add_requests(
+        self, requests: Sequence[tuple[str, list[int], SamplingParams]]
+    ) -> list[RequestStream]:
+        """Submit requests (one HTTP request's ``n`` choices) from the running event loop, all
+        or none, admitted in one check; each one's outputs arrive on its stream.
+
+        Raises at once, having handed nothing over: PromptTooLongError, ValueError (bad
+        prompt ids, an id in use), TooManyChoicesError (more than the engine can ever
+        hold), QueueFullError, or RuntimeError when the engine is shutting down or has died.
         """
         loop = asyncio.get_running_loop()
         if self._error is not None:
             raise RuntimeError(f"the engine stopped after an error: {self._error}")
         if not self._accepting:
             raise RuntimeError("the engine is shutting down")
-        self._check(prompt_ids, params)
-        stream = RequestStream(request_id)
-        prompt_ids = [int(t) for t in prompt_ids]
+        if len(requests) > self.max_num_seqs + self.max_queue:
+            raise TooManyChoicesError(len(requests), self.max_num_seqs, self.max_queue)
+        batch = []
+        for request_id, prompt_ids, params in requests:
+            self._check(prompt_ids, params)
+            batch.append((request_id, [int(t) for t in prompt_ids], params))
+        ids = [request_id for request_id, _, _ in batch]
+        streams = [RequestStream(request_id) for request_id in ids]
         with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use.")
-            if self._stats.waiting + self._pending() >= self.max_queue:
-                raise QueueFullError(
-                    f"the engine's queue is full ({self.max_queue} requests waiting); retry later"
-                )
-            self._streams[request_id] = (stream, loop)
-            self._enqueue(request_id, prompt_ids, params)
-        self._submit(request_id, prompt_ids, params)
-        return stream
+            seen: set[str] = set()
+            for request_id in ids:
+                if request_id in self._streams or request_id in seen:
+                    raise ValueError(f"request id {request_id!r} is already in use.")
+                seen.add(request_id)
+            self._admit(len(batch))
+            for (request_id, prompt_ids, params), stream in zip(batch, streams):
+                self._streams[request_id] = (stream, loop)
+                self._enqueue(request_id, prompt_ids, params)
+            self._adds_sent += len(batch)
+        for request_id, prompt_ids, params in batch:
+            self._submit(request_id, prompt_ids, params)
+        return streams
 
     def stats(self) -> EngineStats:
-        """Gauges as of the last engine step (requests not yet seen by the engine count as
-        waiting)."""
+        """Gauges as of the engine's last round; requests not yet seen by the engine count as
+        waiting."""
         with self._lock:
-            s = self._stats
-            return EngineStats(
-                s.running,
-                s.waiting + self._pending(),
-                s.kv_cache_usage,
-                s.kv_cache_blocks_total,
-                s.kv_cache_blocks_used,
+            return self._view()
+
+    # ------------------------------------------------------------------ admission
+    def _view(self) -> EngineStats:
+        """The last round's gauges with the adds in flight among the waiting (under _lock)."""
+        return dataclasses.replace(self._stats, waiting=self._stats.waiting + self._pending())
+
+    def _admit(self, n: int) -> None:
+        """Admit ``n`` sequences at once or raise QueueFullError (under ``_lock``).
+
+        The one admission rule, for every transport. The engine runs up to max_num_seqs
+        requests and max_queue more may wait; what counts against max_queue is only what
+        the engine could not start now:
+
+            waiting + in_flight + n <= max_queue + free_slots
+
+        - ``waiting`` and ``free_slots`` are the engine's as of its last round; ``in_flight``
+          are adds handed over since (each counted once: the round that takes an add in
+          reports it among its waiting or running and as seen, together). New requests take
+          free slots in arrival order, after the waiting ones, like the scheduler.
+        - KV cache: ``free_slots`` stops at the first waiting request that finds no run of
+          free blocks (Scheduler.free_slots), so while the cache is what keeps requests
+          out, only max_queue may wait; while it is not, a burst of up to max_num_seqs +
+          max_queue requests on an idle engine is never refused, even before the engine
+          has seen any of it. (Requests in flight are assumed to find cache: their fit
+          depends on the sizes and fragmentation of those before them.)
+        - The prefill-token budget per step only delays a start by a few steps: not counted.
+        - Since free_slots <= max_num_seqs - running, the engine never holds more than
+          max_num_seqs + max_queue requests, the cap Scheduler.add enforces; the engine's
+          real count only falls between rounds, so it never refuses what was admitted here.
+        """
+        view = self._view()
+        if view.waiting + n > self.max_queue + view.free_slots:
+            raise QueueFullError(
+                f"the engine's queue is full ({view.waiting} requests waiting, "
+                f"{view.free_slots} free slots, max_queue {self.max_queue}); retry later"
             )
+
+    def _pending(self) -> int:
+        """Adds handed over that the engine's last reported round had not taken in."""
+        return self._adds_sent - self._adds_seen
+
+    def _acknowledge(self, stats: EngineStats, busy: bool, adds_seen: int) -> None:
+        """An engine round ended: its gauges, whether requests remain unfinished, and how
+        many adds it had taken in, all as of the same moment."""
+        with self._lock:
+            self._stats, self._busy, self._adds_seen = stats, busy, adds_seen
 
     # ------------------------------------------------------------------ for subclasses
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Raise what the engine would refuse the request for (synchronously: 400 at once)."""
-        raise NotImplementedError
-
-    def _pending(self) -> int:
-        """Requests handed over but not yet seen by the engine (called under ``_lock``)."""
         raise NotImplementedError
 
     def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -171,8 +237,8 @@ class AsyncEngine(EngineClient):
 
     def __init__(self, engine: Engine, model_name: str) -> None:
         super().__init__(
-            model_name, engine.tokenizer, engine.context_length, engine.config.max_queue,
-            engine.stats(),
+            model_name, engine.tokenizer, engine.context_length, engine.config.max_num_seqs,
+            engine.config.max_queue, engine.stats(),
         )  # fmt: skip
         self.engine = engine
         self._new: list[tuple[str, list[int], SamplingParams]] = []
@@ -198,9 +264,6 @@ class AsyncEngine(EngineClient):
 
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         self.engine.check_request(prompt_ids, params)
-
-    def _pending(self) -> int:
-        return len(self._new)
 
     def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._new.append((request_id, prompt_ids, params))
@@ -237,7 +300,8 @@ class AsyncEngine(EngineClient):
             new, self._new = self._new, []
             aborts, self._aborts = self._aborts, []
             stop = self._stop
-            self._busy = self._busy or bool(new)  # shutdown() must not see a gap
+            # Adds taken here stay in flight (_pending) until this round's _acknowledge.
+            adds_seen = self._adds_seen + len(new)
         outputs: list[RequestOutput] = []
         failed: list[tuple[str, BaseException]] = []
         for request_id, prompt_ids, params in new:
@@ -253,9 +317,8 @@ class AsyncEngine(EngineClient):
                 outputs.append(out)
         if not stop and self.engine.has_unfinished():
             outputs += self.engine.step()
+        self._acknowledge(self.engine.stats(), self.engine.has_unfinished(), adds_seen)
         with self._lock:
-            self._stats = self.engine.stats()
-            self._busy = self.engine.has_unfinished()
             idle = not self._busy and not self._new and not self._aborts and not self._stop
         self._deliver(outputs, failed)
         if stop:

@@ -35,7 +35,12 @@ class EngineConfig:
         prefill_chunk_size: prompts are prefilled in chunks that start at multiples of this
             many tokens, whatever else is in the batch, so a request's numerics (and greedy
             output) do not depend on its batch mates; at most ``max_num_batched_tokens``.
-        max_queue: most requests waiting for admission; one more is refused (HTTP 429).
+        max_queue: most requests waiting with no sequence slot (or, while the KV cache is
+            what keeps them out, no cache) to start in; one more is refused (HTTP 429). Free
+            slots absorb requests, so a burst of ``max_num_seqs + max_queue`` on an idle
+            engine is admitted whole; a request's ``n`` choices are admitted in one check,
+            and an ``n`` above ``max_num_seqs + max_queue`` is refused (HTTP 400). The rule:
+            ``EngineClient._admit``.
         device: torch device the model runs on ("cpu", "cuda", "cuda:1", ...).
         dtype: cast the weights to "float32", "bfloat16" or "float16"; unset keeps the
             export's dtype (quantized exports keep theirs).

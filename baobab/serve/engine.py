@@ -157,6 +157,7 @@ class Engine:
             kv_cache_usage=s.blocks_used / total,
             kv_cache_blocks_total=total,
             kv_cache_blocks_used=s.blocks_used,
+            free_slots=s.free_slots(),
         )
 
     # ------------------------------------------------------------------ the step

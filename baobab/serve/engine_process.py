@@ -67,12 +67,12 @@ class ProcessEngine(EngineClient):
         child_conn.close()  # the child's end lives in the child only: its exit closes the pipe
         _reap_at_exit(self)
         _, context_length, self._vocab_size, stats = self._recv_ready()
-        super().__init__(model_name, tokenizer, context_length, config.max_queue, stats)
+        super().__init__(
+            model_name, tokenizer, context_length, config.max_num_seqs, config.max_queue, stats
+        )
         # Sends hold only _send_lock, never _lock, which the reader needs: a send blocked on
         # a full pipe (the child busy sending to us) must not stop the reader draining it.
         self._send_lock = threading.Lock()
-        self._adds_sent = 0  # adds the child has not acknowledged count as waiting
-        self._adds_seen = 0
         self._stopping = False
         self._reader: threading.Thread | None = None
 
@@ -111,12 +111,6 @@ class ProcessEngine(EngineClient):
     def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
         check_request(prompt_ids, params, self.context_length, self._vocab_size)
 
-    def _pending(self) -> int:
-        return self._adds_sent - self._adds_seen
-
-    def _enqueue(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._adds_sent += 1
-
     def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
         self._send(("add", request_id, prompt_ids, params))
 
@@ -152,8 +146,7 @@ class ProcessEngine(EngineClient):
                 self._fail(message[1])
                 return
             _, outputs, failed, stats, busy, adds_seen = message
-            with self._lock:
-                self._stats, self._busy, self._adds_seen = stats, busy, adds_seen
+            self._acknowledge(stats, busy, adds_seen)
             self._deliver(outputs, [(rid, _rebuild(kind, text)) for rid, kind, text in failed])
 
     def _kill(self) -> None:

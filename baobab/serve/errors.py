@@ -16,6 +16,8 @@ ERROR_TYPES = {
     401: ("authentication_error", "A valid 'Authorization: Bearer KEY' header is missing."),
     404: ("not_found_error", "No such model or route."),
     405: ("invalid_request_error", "The route does not take this method."),
+    408: ("invalid_request_error", "The request's headers and body took too long to arrive."),
+    413: ("invalid_request_error", "The request body is larger than the server's limit."),
     429: ("rate_limit_error", "The engine's queue is full; retry after Retry-After seconds."),
     503: ("service_unavailable", "The model is loading, the engine stopped, or it is draining."),
 }
@@ -41,9 +43,23 @@ class APIError(Exception):
         return error_response(self.status, self.message, self.param, self.code, self.headers)
 
 
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (JSON's ``"\\udfff"``) becomes the six
+    characters ``\\udfff``. Everything an error echoes from a request goes through here."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def quoted(value: str, limit: int = 80) -> str:
+    """``'value'`` for an error message: printable, and cut to ``limit`` characters."""
+    cut = value if len(value) <= limit else value[:limit] + "..."
+    return f"'{printable(cut)}'"
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None):
     kind = ERROR_TYPES.get(status, ("server_error", ""))[0]
-    return ErrorResponse(error=ErrorDetail(message=message, type=kind, param=param, code=code))
+    param = None if param is None else printable(param)
+    detail = ErrorDetail(message=printable(message), type=kind, param=param, code=code)
+    return ErrorResponse(error=detail)
 
 
 def error_response(

@@ -21,6 +21,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from baobab.serve import prompts
 from baobab.serve import protocol as p
 from baobab.serve.chat import ChatTemplate, ChatTemplateError
 from baobab.serve.errors import APIError, error_body
@@ -112,16 +113,15 @@ def _params(
 
 
 def _submit(ctx: Context, rid: str, prompt: list[int], params: SamplingParams, n: int) -> list:
-    """Add the ``n`` engine requests of one HTTP request, all or none."""
-    streams = []
+    """Add the ``n`` engine requests of one HTTP request, all or none, in one admission check
+    (``EngineClient.add_requests``): a refusal leaves nothing in the engine."""
+    choices = []
+    for i in range(n):
+        seed = None if params.seed is None else (params.seed + i) % p.SEED_MODULUS
+        choices.append((f"{rid}-{i}", prompt, dataclasses.replace(params, seed=seed)))
     try:
-        for i in range(n):
-            seed = None if params.seed is None else (params.seed + i) % p.SEED_MODULUS
-            choice_params = dataclasses.replace(params, seed=seed)
-            streams.append(ctx.engine.add_request(f"{rid}-{i}", list(prompt), choice_params))
+        streams = ctx.engine.add_requests(choices)
     except BaseException as err:
-        for i in range(len(streams)):
-            ctx.engine.abort(f"{rid}-{i}")
         raise _admission_error(err, ctx) from None
     ctx.metrics.prompt_tokens(len(prompt) * n)
     return streams
@@ -135,8 +135,8 @@ def _admission_error(err: BaseException, ctx: Context) -> BaseException:
         ctx.metrics.rejected("queue_full")
         message = "the server's request queue is full; retry shortly"
         return APIError(429, message, code="queue_full", headers={"Retry-After": RETRY_AFTER_S})
-    if isinstance(err, ValueError):
-        return APIError(400, str(err))
+    if isinstance(err, ValueError):  # TooManyChoicesError names its field: n
+        return APIError(400, str(err), param=getattr(err, "param", None))
     if isinstance(err, RuntimeError):  # "the engine is shutting down"
         ctx.metrics.rejected("unavailable")
         return APIError(503, f"{err}; the request was not started", code="unavailable")
@@ -291,11 +291,13 @@ async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
     arrival, engine = time.monotonic(), ctx.engine
     tok = engine.tokenizer
     if isinstance(req.prompt, str):
-        prompt = tok.encode(req.prompt) or [tok.eot_id]  # an empty prompt starts a document
+        prompts.refuse_unfittable([req.prompt], tok, req.max_tokens, engine.context_length)
+        # An empty prompt starts a document.
+        prompt = await prompts.off_loop(tok.encode, req.prompt) or [tok.eot_id]
         prompt_text = req.prompt
     else:
         _check_ids(req.prompt, tok.vocab_size, "prompt")
-        prompt, prompt_text = req.prompt, tok.decode(req.prompt)
+        prompt, prompt_text = req.prompt, await prompts.off_loop(tok.decode, req.prompt)
     max_tokens = _max_tokens(req.max_tokens, len(prompt), engine.context_length)
     params = _params(req, ctx, max_tokens, req.logprobs)
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n or 1
@@ -366,19 +368,21 @@ async def chat_completion(ctx: Context, req: p.ChatCompletionRequest, request: R
     """POST /v1/chat/completions."""
     arrival, engine = time.monotonic(), ctx.engine
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    requested = (
+        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    )
+    contents = [m["content"] for m in messages]
+    prompts.refuse_unfittable(contents, engine.tokenizer, requested, engine.context_length)
     try:
-        # On the event loop, never in a thread: encode(allow_special=True) flips a flag on the
-        # shared tokenizer, so two threads encoding at once could leak special tokens.
-        prompt = ctx.chat_template.encode(messages, engine.tokenizer)
+        # In the tokenizer thread, like every encode here (see prompts.off_loop).
+        encode = ctx.chat_template.encode
+        prompt = await prompts.off_loop(encode, messages, engine.tokenizer)
     except ChatTemplateError as err:
         raise APIError(400, str(err), param="messages") from None
     if not prompt:
         raise APIError(
             400, "the chat template rendered these messages as an empty prompt", param="messages"
         )
-    requested = (
-        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    )
     max_tokens = _max_tokens(requested, len(prompt), engine.context_length)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, ctx, max_tokens, logprobs)

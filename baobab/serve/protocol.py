@@ -5,7 +5,9 @@ Requests are parsed strictly (no "1" for 1, no NaN) and every range is in the sc
 are refused with a 400 before anything reaches the engine. Fields that OpenAI defines but
 this server does not implement are refused when set to a non-default value rather than
 silently ignored (see :data:`UNSUPPORTED`). Extensions beyond OpenAI follow vLLM's names
-(``top_k``, ``ignore_eos``, ``stop_token_ids``).
+(``top_k``, ``ignore_eos``, ``stop_token_ids``). Every string of a request, in any field,
+must be valid Unicode (JSON can spell a lone surrogate, ``"\\udfff"``, which is not), and
+text is capped at :data:`MAX_TEXT_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -13,7 +15,16 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per request
@@ -21,17 +32,22 @@ MAX_LOGPROBS = 20  # alternatives per token
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_IMAGES = 64  # images per classification request
 SEED_MODULUS = 2**63  # seeds live in [0, 2**63); choice i uses (seed + i) % 2**63
+# Characters in a prompt string, in one chat message's content, and in all of a request's
+# messages together (the body-size limit, ``limits.py``, caps every other string).
+MAX_TEXT_CHARS = 1_000_000
+MAX_PROMPT_IDS = 1_000_000  # token ids in a prompt list
 
-# Fields of the OpenAI API this server does not implement, with the value that means "unset".
-UNSUPPORTED: dict[str, Any] = {
-    "suffix": None,
-    "best_of": 1,
-    "logit_bias": {},
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "tools": [],
-    "functions": [],
-    "response_format": None,
+# Fields of the OpenAI API this server does not implement, with the values that mean "unset"
+# (null always does).
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "suffix": (),
+    "best_of": (1,),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "functions": ([],),
+    "response_format": ({"type": "text"},),  # OpenAI's default: plain text
 }
 
 
@@ -40,15 +56,71 @@ def _refused(param: str, message: str) -> PydanticCustomError:
     return PydanticCustomError("refused", message, {"param": param})
 
 
+def _is_unicode(text: str) -> bool:
+    """False when ``text`` holds a lone UTF-16 surrogate (JSON's ``"\\udfff"``): Python's
+    json module decodes one, but it is no character, and UTF-8 (hence the tokenizer and
+    every response) cannot carry it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _key(part: Any) -> str:
+    """A path part as an error message echoes it: short, a lone surrogate written ``\\udfff``."""
+    part = str(part) if len(str(part)) <= 40 else str(part)[:40] + "..."
+    return part.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+_SCALARS = {int, float, bool, type(None)}
+
+
+def _surrogate_path(body: Any) -> str | None:
+    """The dotted path (``messages.0.content``) of the first string or key in ``body`` that
+    is not valid Unicode, or None. Iterative: JSON nests deeper than Python's recursion."""
+    stack: list[tuple[Any, tuple]] = [(body, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if not _is_unicode(value):
+                return ".".join(_key(p) for p in path)
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):  # reversed: popped in document order
+                if isinstance(key, str) and not _is_unicode(key):
+                    return ".".join(_key(p) for p in (*path, key))
+                stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            if set(map(type, value)) <= _SCALARS:  # a million token ids: no loop in Python
+                continue
+            stack.extend((item, (*path, i)) for i, item in reversed(list(enumerate(value))))
+    return None
+
+
 class _Request(BaseModel):
     # Strict: a string is not a number and a number is not a bool; extra fields are kept so
     # that UNSUPPORTED ones can be refused by name, the rest are ignored like OpenAI does.
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_invalid_unicode(cls, data: Any) -> Any:
+        # Before any field is read: every string field, known or not, is checked alike.
+        param = _surrogate_path(data)
+        if param is not None:
+            raise _refused(
+                param,
+                f"'{param}' is not valid Unicode text: it contains a lone UTF-16 surrogate "
+                "(an unpaired \\ud800-\\udfff escape)",
+            )
+        return data
+
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Request:
         for name, value in (self.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in (UNSUPPORTED[name], None):
+            if name in UNSUPPORTED and value is not None and value not in UNSUPPORTED[name]:
                 raise _refused(name, f"'{name}' is not supported by this server")
         return self
 
@@ -67,6 +139,53 @@ def _int(**bounds: int) -> Any:
 
 NonNegInt = _int(ge=0)
 StopString = Annotated[str, Field(min_length=1)]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+def _what(item: Any) -> str:
+    """What a JSON value is, for an error message (user strings are not echoed)."""
+    if isinstance(item, bool) or item is None:
+        return {True: "true", False: "false", None: "null"}[item]
+    if isinstance(item, int | float):
+        return repr(item)
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(item), "not a number")
+
+
+def _prompt_problem(value: Any) -> str | None:
+    """What is wrong with a prompt that is not text, or None if nothing is."""
+    if isinstance(value, str):
+        return None
+    if not isinstance(value, list):
+        return f"the prompt must be a string or a list of token ids, not {_what(value)}"
+    if not value:
+        return "the list is empty; send the prompt's text or at least one token id"
+    if len(value) > MAX_PROMPT_IDS:
+        return f"the list has {len(value)} token ids; at most {MAX_PROMPT_IDS} fit"
+    for i, item in enumerate(value):
+        integral = isinstance(item, int) or (isinstance(item, float) and item.is_integer())
+        if isinstance(item, bool) or not integral or item < 0:
+            batch = isinstance(item, str | list)
+            hint = "; batches of prompts are not supported: send one per request" if batch else ""
+            what = _what(item)
+            return f"a list prompt holds token ids (integers >= 0), but item {i} is {what}{hint}"
+    return None
+
+
+def _prompt(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """pydantic's own validation (in Rust: quick on a million ids); when it fails, a message
+    that names what is wrong with a list (its union says "Input should be a valid string")."""
+    # Token ids: checked here ~40x quicker than by a validator call per id (seconds for a
+    # million, on the event loop).
+    ids = type(value) is list and 0 < len(value) <= MAX_PROMPT_IDS
+    if ids and set(map(type, value)) == {int} and min(value) >= 0:
+        return value
+    try:
+        return handler(value)
+    except ValidationError:
+        problem = _prompt_problem(value)
+        if problem is None:
+            raise
+        raise PydanticCustomError("prompt", problem) from None
 
 
 class StreamOptions(BaseModel):
@@ -113,10 +232,10 @@ class _Sampling(_Request):
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
-    prompt: (
-        Annotated[str, Field(max_length=1_000_000)]
-        | Annotated[list[NonNegInt], Field(min_length=1, max_length=1_000_000)]
-    ) = Field(description="The text to continue, or its token ids.")
+    prompt: Annotated[
+        Text | Annotated[list[NonNegInt], Field(min_length=1, max_length=MAX_PROMPT_IDS)],
+        WrapValidator(_prompt),
+    ] = Field(description="The text to continue, or its token ids.")
     max_tokens: _int(ge=1) | None = Field(16, description="At most this many new tokens.")
     logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = Field(
         None, description="Return the sampled token's and k alternatives."
@@ -135,13 +254,13 @@ class CompletionRequest(_Sampling):
 class TextPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = Field(description="Text, or a list of text parts.")
+    content: Text | list[TextPart] | None = Field(description="Text, or a list of text parts.")
     name: str | None = Field(None, description="Accepted and ignored.")
 
     def text(self) -> str:
@@ -167,6 +286,17 @@ class ChatCompletionRequest(_Sampling):
     def _top_logprobs_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise _refused("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+        return self
+
+    @model_validator(mode="after")
+    def _bounded_text(self) -> ChatCompletionRequest:
+        total = sum(len(m.text()) for m in self.messages)
+        if total > MAX_TEXT_CHARS:
+            raise _refused(
+                "messages",
+                f"the messages hold {total} characters of content; at most {MAX_TEXT_CHARS} "
+                "are accepted",
+            )
         return self
 
 

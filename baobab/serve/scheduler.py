@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import NamedTuple
 
 from baobab.serve.types import QueueFullError
@@ -90,6 +91,10 @@ class BlockAllocator:
                 return start
         return None
 
+    def free_run_lengths(self) -> list[int]:
+        """Lengths of the free runs in the order ``allocate`` tries them."""
+        return [length for _, length in self._free]
+
     def free(self, start: int, n: int) -> None:
         i = bisect.bisect_left(self._free, [start, 0])
         self._free.insert(i, [start, n])
@@ -129,7 +134,9 @@ class Scheduler:
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, request: SchedRequest) -> None:
-        """Queue a request; QueueFullError when ``max_queue`` already wait."""
+        """Queue a request; QueueFullError when ``max_num_seqs + max_queue`` requests are held
+        (running or waiting): the most the admission rule in front of the engine
+        (``EngineClient._admit``) ever lets in, so this only guards direct users."""
         if self.blocks_needed(request) > self.blocks.num_blocks:
             raise ValueError(
                 f"the request needs {request.prompt_len + request.max_tokens} tokens of KV cache "
@@ -137,9 +144,10 @@ class Scheduler:
             )
         if request.request_id in self._by_id:
             raise ValueError(f"request id {request.request_id!r} is already in use.")
-        if len(self.waiting) >= self.max_queue:
+        if len(self.running) + len(self.waiting) >= self.max_num_seqs + self.max_queue:
             raise QueueFullError(
-                f"the engine's queue is full ({self.max_queue} requests waiting); retry later"
+                f"the engine's queue is full ({self.num_running} requests running and "
+                f"{self.num_waiting} waiting); retry later"
             )
         self.waiting.append(request)
         self._by_id[request.request_id] = request
@@ -238,3 +246,19 @@ class Scheduler:
     @property
     def blocks_used(self) -> int:
         return self.blocks.used
+
+    def free_slots(self) -> int:
+        """Requests that could start running now, the waiting ones first (they go first):
+        ``max_num_seqs - num_running`` while the waiting requests, in arrival order, would
+        each find a run of free blocks for prompt + max_tokens; else the number of waiting
+        requests ahead of the first one that would not. The prefill budget is not counted
+        (it delays a request by a few steps, it does not keep it out)."""
+        slots = self.max_num_seqs - len(self.running)
+        runs = self.blocks.free_run_lengths()  # first fit, as allocate() does
+        for started, request in enumerate(islice(self.waiting, slots)):
+            need = self.blocks_needed(request)
+            i = next((i for i, length in enumerate(runs) if length >= need), None)
+            if i is None:
+                return started
+            runs[i] -= need
+        return slots

@@ -6,6 +6,7 @@
 
 =========================  ===============================================================
 ``GET /health``            200 ``{"status": "ok"}``; 503 while loading, draining or dead
+                           (every GET route also answers HEAD: the same status, no body)
 ``GET /metrics``           Prometheus text format (see ``metrics.py``)
 ``GET /v1/models``         the served model
 ``POST /v1/completions``   text completion, streamed or not (``handlers.py``)
@@ -15,7 +16,9 @@
 
 Every error has OpenAI's shape (``errors.py``); with API keys set, every route but
 ``/health`` needs ``Authorization: Bearer KEY``. Nothing answers a bare 500: an unexpected
-exception is logged and answered 503 in the error shape.
+exception is logged and answered 503 in the error shape. A body over ``max_body_bytes`` is
+answered 413 with no more than that held (``limits.py``); prompts are tokenized off the
+event loop (``prompts.py``), so ``/health`` and running streams keep their latency.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import logging
 import time
@@ -41,7 +45,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from baobab.serve import handlers
 from baobab.serve import protocol as p
 from baobab.serve.chat import ChatTemplate
-from baobab.serve.errors import APIError, documented, error_response
+from baobab.serve.errors import APIError, documented, error_response, quoted
+from baobab.serve.limits import DEFAULT_MAX_BODY_MIB, MIB, BodyLimit
 from baobab.serve.metrics import ServerMetrics
 
 log = logging.getLogger("baobab.serve")
@@ -145,7 +150,8 @@ class ServerState:
         if model and model != served.model_name:  # None or "": the served model
             raise APIError(
                 404,
-                f"the model '{model}' does not exist; this server serves '{served.model_name}'",
+                f"the model {quoted(model)} does not exist; this server serves "
+                f"'{served.model_name}'",
                 param="model",
                 code="model_not_found",
             )
@@ -174,7 +180,8 @@ class ServerState:
 
 
 class _Guard:
-    """Outermost ASGI layer: API-key check, and no exception ever escapes as a bare 500."""
+    """Outermost ASGI layer: API-key check, HEAD answered as GET without a body, and no
+    exception ever escapes as a bare 500."""
 
     def __init__(self, app, api_keys: Sequence[str]) -> None:
         self.app = app
@@ -197,6 +204,8 @@ class _Guard:
                 401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
             )
             return await response(scope, receive, send)
+        if scope["method"] == "HEAD":  # uvicorn drops the body: it still sees HEAD
+            scope = {**scope, "method": "GET"}
         started = False
 
         async def send_tracking(message) -> None:
@@ -267,6 +276,7 @@ def build_app(
     api_keys: Sequence[str] = (),
     chat_template: ChatTemplate | None = None,
     shutdown_timeout: float = 30.0,
+    max_body_bytes: int = int(DEFAULT_MAX_BODY_MIB * MIB),
 ) -> FastAPI:
     """The FastAPI app serving ``served``, or what the function ``served`` returns once it has
     loaded it (in a thread, while ``/health`` answers 503).
@@ -276,6 +286,7 @@ def build_app(
         api_keys: accepted bearer keys; empty: no authentication.
         chat_template: how /v1/chat/completions renders messages (default: ``chat.py``'s).
         shutdown_timeout: at app shutdown, seconds in-flight requests may take to finish.
+        max_body_bytes: larger request bodies are answered 413 (see ``limits.py``).
     """
     state = ServerState(chat_template or ChatTemplate())
 
@@ -305,7 +316,9 @@ def build_app(
     _add_error_handlers(app)
     _add_routes(app, state)
     _with_stream_schemas(app)
-    app.add_middleware(_Guard, api_keys=list(api_keys))
+    refused = functools.partial(state.metrics.rejected, "body_too_large")
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_refused=refused)
+    app.add_middleware(_Guard, api_keys=list(api_keys))  # outermost: before the body is read
     return app
 
 
@@ -319,7 +332,7 @@ def _context(state: ServerState, model: str | None) -> handlers.Context:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    v1 = documented(400, 401, 404, 429, 503)
+    v1 = documented(400, 401, 404, 413, 429, 503)
 
     @app.get("/health", responses=documented(503))
     async def health() -> p.HealthResponse:

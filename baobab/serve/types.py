@@ -14,7 +14,26 @@ FinishReason = Literal["stop", "length", "abort"]
 
 
 class QueueFullError(RuntimeError):
-    """The engine's waiting queue holds ``max_queue`` requests; the server answers 429."""
+    """The engine cannot admit a request now: ``max_queue`` requests already wait for
+    something other than a free sequence slot (see ``EngineClient._admit``); the server
+    answers 429."""
+
+
+class TooManyChoicesError(ValueError):
+    """A request asks for more sequences at once (its ``n`` choices) than the engine can ever
+    hold, ``max_num_seqs`` running + ``max_queue`` waiting; the server answers 400.
+
+    The message names both numbers; ``param`` names the request field at fault.
+    """
+
+    param = "n"
+
+    def __init__(self, n: int, max_num_seqs: int, max_queue: int) -> None:
+        self.n, self.capacity = n, max_num_seqs + max_queue
+        super().__init__(
+            f"n is {n}, but this server holds at most {self.capacity} sequences at once "
+            f"({max_num_seqs} running + {max_queue} waiting); ask for n <= {self.capacity}"
+        )
 
 
 class PromptTooLongError(ValueError):
@@ -106,3 +125,8 @@ class EngineStats:
     kv_cache_usage: float  # fraction of KV cache blocks/slots in use, 0..1
     kv_cache_blocks_total: int
     kv_cache_blocks_used: int
+    # Requests that could start running now, waiting ones first: the free sequence slots
+    # (max_num_seqs - running), or, when a waiting request finds no run of free KV-cache
+    # blocks, the waiting requests ahead of it. What admission counts as room beside
+    # max_queue (see EngineClient._admit); 0 is the safe default (room = max_queue only).
+    free_slots: int = 0

@@ -18,7 +18,6 @@ from pathlib import Path
 import httpx
 import torch
 import torch.nn.functional as F
-import uvicorn
 
 # Every 2-byte window of TEXT (cyclically) is followed by one byte only: quick to learn.
 TEXT = "🌳 naïve 漢字! "
@@ -113,16 +112,18 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_in_thread(
-    app, wait_healthy: bool = True, drain_timeout: float = 10
+    app, wait_healthy: bool = True, drain_timeout: float = 10, request_timeout: float = 30
 ) -> Iterator[RunningServer]:
     """``baobab serve``'s server on 127.0.0.1 and a free port, in a thread; drained on exit."""
-    from baobab.serve.http_command import DrainingServer
+    from baobab.serve.http_command import DrainingServer, server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=drain_timeout + 5)
+    config = server_config(
+        app, log_level="warning", drain_timeout=drain_timeout, request_timeout=request_timeout
+    )
     server = DrainingServer(config, app.state.baobab, drain_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

@@ -119,11 +119,11 @@ def test_shutdown_timeout_aborts_the_rest(export):
 def test_queue_limit_and_validation_answer_at_once(export):
     served = load(export, max_queue=2, max_num_seqs=1)
 
-    async def main():  # not started: requests stay queued
-        served.add_request("a", [1], greedy(2))
-        served.add_request("b", [1], greedy(2))
+    async def main():  # not started: requests stay queued; one slot + two queue places
+        for rid in "abc":
+            served.add_request(rid, [1], greedy(2))
         with pytest.raises(QueueFullError):
-            served.add_request("c", [1], greedy(2))
+            served.add_request("c2", [1], greedy(2))
         with pytest.raises(ValueError, match="already in use"):
             served.add_request("a", [1], greedy(2))
         with pytest.raises(ValueError, match="outside the vocabulary"):

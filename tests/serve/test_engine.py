@@ -220,8 +220,9 @@ def test_bad_requests_are_refused_with_one_sentence(exports):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.add_request("a", [1, -1], greedy())
     engine.add_request("a", [1], greedy())
+    engine.add_request("b", [1], greedy())  # one slot + one queue place
     with pytest.raises(QueueFullError, match="queue is full"):
-        engine.add_request("b", [1], greedy())
+        engine.add_request("c", [1], greedy())
 
 
 @pytest.mark.parametrize(

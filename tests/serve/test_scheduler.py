@@ -166,11 +166,11 @@ def test_admission_is_first_come_first_served():
 
 
 def test_queue_limit_and_duplicate_ids_are_refused():
-    s = make(queue=2)
-    s.add(SchedRequest("a", prompt_len=1))
-    s.add(SchedRequest("b", prompt_len=1))
+    s = make(seqs=1, queue=2)  # holds 1 running + 2 waiting, whether yet admitted or not
+    for rid in "abc":
+        s.add(SchedRequest(rid, prompt_len=1))
     with pytest.raises(QueueFullError, match="queue is full"):
-        s.add(SchedRequest("c", prompt_len=1))
+        s.add(SchedRequest("d", prompt_len=1))
     with pytest.raises(ValueError, match="already in use"):
         s.add(SchedRequest("a", prompt_len=1))
 

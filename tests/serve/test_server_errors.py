@@ -126,3 +126,79 @@ def test_full_queue_is_429_with_retry_after(lm_export):
                 r = httpx.post(f"{srv.url}/v1/completions", json=long, timeout=60)
                 assert "queue is full" in assert_error(r, 429)
                 assert int(r.headers["Retry-After"]) >= 1
+
+
+# Raw JSON text: a lone UTF-16 surrogate escape, which Python's json module decodes to a str
+# that UTF-8 cannot carry (it once reached the tokenizer, or the 404's echo, and became 503).
+LONE = "a\\udfffb"
+CHAT, COMPLETE = "/v1/chat/completions", "/v1/completions"
+USER = '{"messages": [{"role": "user", %s}]}'
+SURROGATE_BODIES = [
+    (CHAT, USER % '"content": "%s"', "messages.0.content"),
+    (CHAT, USER % '"content": [{"type": "text", "text": "%s"}]', "messages.0.content.0.text"),
+    (CHAT, USER % '"content": "x", "name": "%s"', "messages.0.name"),
+    (COMPLETE, '{"prompt": "x", "model": "%s"}', "model"),
+    (COMPLETE, '{"prompt": "%s"}', "prompt"),
+    (COMPLETE, '{"prompt": "x", "stop": ["ok", "%s"]}', "stop.1"),
+    (COMPLETE, '{"prompt": "x", "user": "%s"}', "user"),
+    (COMPLETE, '{"prompt": "x", "%s": 1}', LONE),  # an unknown field's name
+    ("/v1/classify", '{"images": ["%s"]}', "images.0"),
+]
+
+
+@pytest.mark.parametrize(("route", "template", "param"), SURROGATE_BODIES)
+def test_lone_surrogates_are_400_naming_the_field(lm_server, route, template, param):
+    raw = (template % LONE).encode()
+    assert b"\\udfff" in raw
+    with lm_server.client() as http:
+        r = http.post(route, content=raw, headers={"Content-Type": "application/json"})
+        message = assert_error(r, 400, param)
+        assert "surrogate" in message and f"'{param}'" in message
+
+
+def test_errors_echo_user_text_safely(lm_server):
+    with lm_server.client() as http:
+        r = http.post("/v1/completions", json={"prompt": "x", "model": "m" * 10_000})
+        message = assert_error(r, 404, "model")
+        assert len(message) < 300  # the echo of a long name is cut
+
+
+BAD_PROMPT_LISTS = [
+    (["a", "b"], "item 0 is a string; batches of prompts are not supported"),
+    ([[1, 2], [3]], "item 0 is a list; batches of prompts are not supported"),
+    ([1, 2, -3], "item 2 is -3"),
+    ([1, 2.5], "item 1 is 2.5"),
+    ([1, True], "item 1 is true"),
+    ([1, None], "item 1 is null"),
+    ([], "the list is empty"),
+    ({"ids": [1]}, "a string or a list of token ids, not an object"),
+]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), BAD_PROMPT_LISTS)
+def test_bad_prompt_lists_say_what_is_wrong(lm_server, prompt, expected):
+    with lm_server.client() as http:
+        message = assert_error(http.post("/v1/completions", json={"prompt": prompt}), 400, "prompt")
+        assert expected in message and "valid string" not in message
+
+
+def test_openai_defaults_and_head_are_accepted(lm_server):
+    client = openai.OpenAI(base_url=f"{lm_server.url}/v1", api_key="none", max_retries=0)
+    out = client.chat.completions.create(
+        model="",
+        messages=[{"role": "user", "content": "🌳"}],
+        max_tokens=2,
+        response_format={"type": "text"},  # OpenAI's default
+    )
+    assert out.choices[0].finish_reason == "length"
+    with lm_server.client() as http:
+        r = http.post(
+            "/v1/completions", json={"prompt": "x", "response_format": {"type": "json_object"}}
+        )
+        assert_error(r, 400, "response_format")  # still refused: it is not implemented
+        for route in ("/health", "/v1/models"):
+            head, get = http.head(route), http.get(route)
+            assert head.status_code == get.status_code == 200
+            assert (
+                head.content == b"" and head.headers["content-type"] == get.headers["content-type"]
+            )
