@@ -5,8 +5,9 @@ state go through torch.distributed.checkpoint (DCP) keyed by parameter name, so 
 saved under one parallel layout loads under any other, or in one process with no process
 group at all (:func:`load_trained_model`). See ``store.py`` for the on-disk layout and the
 save protocol, ``trainer_state.py`` for how the trainer's own state is stored, ``layout.py``
-for what a crash at any instant leaves behind and ``verify.py`` for checking a checkpoint's
-files before resuming from it.
+for what a crash at any instant leaves behind, ``checksum.py`` for the checksum of every
+file that meta.json records (taken as the files are written, checked on every load) and
+``verify.py`` for checking a checkpoint's files before resuming from it.
 
 Trust: a checkpoint is trusted training state, for resuming your own runs. DCP writes its
 ``.metadata`` file (and non-tensor optimizer values) with pickle, so never load a checkpoint

@@ -5,7 +5,8 @@ A checkpoint directory (``run_dir/checkpoints/step_00000100/``) holds::
     .metadata, __<rank>_<n>.distcp   DCP: ``model.<fqn>`` weights and ``optim.<key>`` state
     trainer_state.json/.safetensors  step, schedule, data position, RNG (no pickle)
     tokenizer.json                   when the run has one, so the checkpoint stands alone
-    meta.json                        the model description and step; written last
+    meta.json                        the model description, step and a checksum (XXH3-128)
+                                     of every other file (``checksum.py``); written last
 
 Model and optimizer state are keyed by parameter FQN (``get_model_state_dict`` and a
 flattened ``get_optimizer_state_dict``), so a checkpoint saved under one layout (FSDP on
@@ -17,14 +18,16 @@ Saving (every rank calls :func:`save_checkpoint`):
 2. rank 0 finishes publishes a crash interrupted, sweeps the other leftovers of crashed
    saves, creates ``.tmp-step_XXXXXXXX`` and writes (and fsyncs) trainer_state and
    tokenizer.json into it (every rank waits for it);
-3. every rank writes its shards with ``dcp.save`` (or ``dcp.async_save``), which fsyncs them;
-4. once DCP has completed everywhere, rank 0 writes meta.json atomically, renames the
-   temporary directory to ``step_XXXXXXXX`` in one ``os.replace`` and prunes to
-   ``keep_last``; every rank returns only after that.
+3. every rank writes its shards with ``dcp.save`` (or ``dcp.async_save``), which fsyncs them,
+   hashing each file as it writes it;
+4. once DCP has completed everywhere, rank 0 gathers every rank's checksums, writes
+   meta.json atomically, renames the temporary directory to ``step_XXXXXXXX`` in one
+   ``os.replace`` and prunes to ``keep_last``; every rank returns only after that.
 
 A crash at any point leaves the previous checkpoints loadable; only directories holding a
 meta.json count (``layout.py`` lists the invariants, ``verify.py`` checks a checkpoint's
-files before a resume trusts it).
+files before a resume trusts it). Every load checks the checksums too: meta.json and
+``.metadata`` before DCP unpickles anything, the shards on a thread while DCP reads them.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.optim import Optimizer
 
+from baobab.checkpoint import checksum
 from baobab.checkpoint.layout import (
     META_FILE,
     TMP_PREFIX,
@@ -61,7 +65,6 @@ from baobab.checkpoint.layout import (
     fsync_file,
     prune,
     publish,
-    read_meta,
     recover_interrupted,
     resolve_checkpoint,
     step_name,
@@ -69,6 +72,7 @@ from baobab.checkpoint.layout import (
     write_text_atomic,
 )
 from baobab.checkpoint.trainer_state import load_trainer_state, save_trainer_state
+from baobab.checkpoint.verify import LoadCheck
 
 # Optimizer state keyed by parameter FQN ("state.<fqn>.exp_avg", "param_groups.<fqn>.lr"),
 # so it reshards like the weights and pipeline stages' dicts merge without renumbering.
@@ -151,14 +155,22 @@ class _PendingSave:
     run_dir: Path
     meta_text: str
     keep_last: int
+    writer: checksum.HashingWriter
+    files: dict[str, dict[str, Any]]  # checksums of rank 0's own files (trainer_state, ...)
     future: Future | None = None
 
     def finish(self) -> Path:
         if self.future is not None:
             self.future.result()  # raises here if the background write failed
+        files = {**self.files, **self.writer.files}
+        if _distributed():  # each rank hashed the files it wrote; rank 0 records them all
+            pieces: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(pieces, self.writer.files)
+            files.update({k: v for piece in pieces for k, v in piece.items()})
 
         def finalize() -> None:
-            write_text_atomic(self.tmp / META_FILE, self.meta_text)  # the mark of a whole one
+            text = checksum.seal(json.loads(self.meta_text), files, self.writer.algorithm)
+            write_text_atomic(self.tmp / META_FILE, text)  # the mark of a whole one
             publish(self.tmp, self.final)
             prune(self.run_dir, self.keep_last, keep=self.final)
 
@@ -222,6 +234,9 @@ def save_checkpoint(
     tmp = root / f"{TMP_PREFIX}{final.name}"
     meta_text = json.dumps({**meta, "step": step}, indent=2)  # checked and frozen now
 
+    writer = checksum.HashingWriter(tmp)
+    files: dict[str, dict[str, Any]] = {}  # filled on rank 0
+
     def prepare() -> None:
         root.mkdir(parents=True, exist_ok=True)
         recover_interrupted(root)
@@ -232,16 +247,18 @@ def save_checkpoint(
             shutil.copyfile(tokenizer_file, tmp / TOKENIZER_FILE)
         for path in tmp.iterdir():  # durable before meta.json may vouch for them
             fsync_file(path)
+            if writer.algorithm is not None:  # small, still in the page cache
+                files[path.name] = checksum.hash_file(path, writer.algorithm)
 
     _on_rank0(prepare)
-    pending = _PendingSave(tmp, final, Path(run_dir), meta_text, keep_last)
+    pending = _PendingSave(tmp, final, Path(run_dir), meta_text, keep_last, writer, files)
     no_dist = not _distributed()
     if not async_save:
         with _quiet():
-            dcp.save(state, checkpoint_id=tmp, no_dist=no_dist)
+            dcp.save(state, storage_writer=writer, no_dist=no_dist)
         return pending.finish()
     response = dcp.async_save(
-        state, checkpoint_id=tmp, process_group=_gloo_group(), no_dist=no_dist
+        state, storage_writer=writer, process_group=_gloo_group(), no_dist=no_dist
     )
     pending.future = getattr(response, "upload_completion", response)
     _pending.append(pending)
@@ -301,12 +318,18 @@ def _load_into(
     ckpt: Path,
     model_parts: Sequence[nn.Module],
     optimizers: Sequence[Optimizer],
-    no_dist: bool,
+    check: LoadCheck,
 ) -> None:
     state = _collect(model_parts, optimizers)
-    _check_and_trim(ckpt, state, gather=not no_dist)
-    with _quiet():
-        dcp.load(state.dcp, checkpoint_id=ckpt, no_dist=no_dist)  # fills the templates in place
+    _check_and_trim(ckpt, state, gather=check.distributed)
+    check.start()  # the shards' checksums, on a thread while DCP reads them
+    try:
+        with _quiet():  # fills the templates in place
+            dcp.load(state.dcp, checkpoint_id=ckpt, no_dist=not check.distributed)
+    except (Exception, dcp.CheckpointException) as err:  # the latter is a BaseException
+        check.finish(err)  # "damaged" in one sentence when a checksum explains the failure
+        raise
+    check.finish(None)
     model_sd, optim_sd = state.dcp["model"], state.dcp["optim"]
     for i, part in enumerate(model_parts):
         set_model_state_dict(part, {k: model_sd[k] for k in state.model_keys[i]})
@@ -327,8 +350,9 @@ def load_checkpoint(
     whole checkpoint in this process.
     """
     ckpt = resolve_checkpoint(path)
-    _load_into(ckpt, model_parts, optimizers, no_dist=not _distributed())
-    return load_trainer_state(ckpt)
+    check = LoadCheck(ckpt, _distributed())  # refuses a damaged meta.json or .metadata
+    _load_into(ckpt, model_parts, optimizers, check)
+    return load_trainer_state(ckpt)  # its files were among those checked
 
 
 def load_trained_model(
@@ -345,7 +369,8 @@ def load_trained_model(
     from baobab import models  # checkpoints describe models; models know nothing of checkpoints
 
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
+    check = LoadCheck(ckpt, distributed=False)  # meta.json checked before it builds a model
+    meta = check.meta
     described = meta.get("model")
     if not isinstance(described, dict) or "name" not in described:
         raise ValueError(f"checkpoint '{ckpt}' has no model description in its {META_FILE}")
@@ -355,7 +380,7 @@ def load_trained_model(
         from baobab.models.lora import LoRAConfig, apply_lora, merge_lora
 
         apply_lora(model, LoRAConfig(**{**lora, "targets": tuple(lora["targets"])}))
-    _load_into(ckpt, [model], [], no_dist=True)
+    _load_into(ckpt, [model], [], check)
     if lora:
         merge_lora(model).requires_grad_(True)
     return model.to(device).eval(), meta

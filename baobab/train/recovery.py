@@ -9,8 +9,9 @@ agent restarted; a replaced node starts at 0, hence the maximum over ranks). A r
 directory belongs to the torchrun job whose first attempt started in it: ``job.json``
 holds torchrun's run id (``--rdzv-id``, or a fresh id per ``--standalone`` launch). A
 restart of that job resumes by itself from the newest checkpoint that verifies
-(``baobab.checkpoint.verify``), or from scratch when none does; incomplete and damaged
-checkpoints are passed over and reported; the metrics log loses the records of the
+(``baobab.checkpoint.verify``: every file against the checksum meta.json records), or from
+scratch when none does; incomplete and damaged checkpoints are passed over, set aside and
+reported (a checkpoint from before checksums is used, and its load warns); the metrics log loses the records of the
 steps to be redone and gains a ``restart`` record (time, restart number, cause, step
 resumed from). Any other start follows ``train.resume``/``train.overwrite`` as before,
 so a restart never adopts another job's directory.

@@ -198,7 +198,7 @@ def test_pruning_never_leaves_a_half_deleted_checkpoint_that_counts(tmp_path):
         (lambda c: os.truncate(c / "__0_0.distcp", 100), "shard __0_0.distcp is truncated"),
         (lambda c: os.truncate(c / "trainer_state.safetensors", 20), "trainer_state.safetensors"),
         (lambda c: (c / "trainer_state.json").write_text("{"), "trainer_state.json is unreadable"),
-        (lambda c: (c / ".metadata").write_bytes(b""), "DCP .metadata is unreadable"),
+        (lambda c: (c / ".metadata").write_bytes(b""), "DCP .metadata is truncated"),
     ],
 )
 def test_a_damaged_newest_checkpoint_is_passed_over(tmp_path, damage, problem):

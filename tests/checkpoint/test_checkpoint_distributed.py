@@ -9,6 +9,7 @@ logits on a fixed batch to ``RUN_DIR/reference.pt`` for the single-process check
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from baobab.checkpoint import checkpoint_dirs, load_checkpoint, read_meta
+from baobab.checkpoint import checkpoint_dirs, load_checkpoint, read_meta, verify_checkpoint
 from baobab.export import export_checkpoint, load_exported
 from baobab.models import build_model
 
@@ -65,9 +66,29 @@ def _worker(rank: int, world: int, port: int, run_dir: str) -> None:
         optim = {names[p]: {k: full(v) for k, v in s.items()} for p, s in opt.state.items()}
         with torch.no_grad():
             logits = model(batch)  # every rank runs the whole batch: full logits
+        # Loaded back on both ranks, each hashing its half of the files while DCP reads;
+        # then a byte flipped in rank 1's shard, which rank 1 alone hashes: both refuse.
+        assert load_checkpoint(run_dir, [model], [opt]) == {"step": STEPS}
+        damaged = Path(run_dir) / "damaged"
+        if rank == 0:
+            shutil.copytree(checkpoint_dirs(run_dir)[-1], damaged)
+            shard = bytearray((damaged / "__1_0.distcp").read_bytes())
+            shard[len(shard) // 2] ^= 1
+            (damaged / "__1_0.distcp").write_bytes(bytes(shard))
+        dist.barrier()
+        try:
+            load_checkpoint(damaged, [model], [opt])
+            refused = ""
+        except ValueError as err:
+            refused = str(err)
         if rank == 0:
             reference = {"params": params, "optim": optim, "logits": logits, "batch": batch}
-            torch.save(reference, Path(run_dir) / "reference.pt")
+            torch.save({**reference, "refused": refused}, Path(run_dir) / "reference.pt")
+        else:
+            (Path(run_dir) / "refused_on_rank1").write_text(refused)
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(damaged)
     finally:
         dist.destroy_process_group()
 
@@ -93,6 +114,11 @@ def test_fsdp_checkpoint_loads_in_one_process(fsdp_run):
     assert [p.name for p in checkpoint_dirs(run_dir)] == ["step_00000002", "step_00000003"]
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
     assert read_meta(run_dir)["step"] == STEPS
+    for ckpt in checkpoint_dirs(run_dir):  # async and sync: each rank's shards are recorded
+        files = read_meta(ckpt)["checksums"]["files"]
+        assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= files.keys()
+        assert sorted(files) == sorted(p.name for p in ckpt.iterdir() if p.name != "meta.json")
+        assert verify_checkpoint(ckpt) is None
     model = build_model("gpt-nano")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     assert load_checkpoint(run_dir, [model], [opt]) == {"step": STEPS}
@@ -101,6 +127,13 @@ def test_fsdp_checkpoint_loads_in_one_process(fsdp_run):
         for key, value in opt.state[param].items():
             torch.testing.assert_close(value, ref["optim"][name][key], rtol=0, atol=0, msg=key)
     assert model.output.weight is model.tok_embeddings.weight
+
+
+def test_a_damaged_shard_is_refused_on_every_rank(fsdp_run):
+    run_dir, ref = fsdp_run
+    damage = "is damaged: shard __1_0.distcp does not match its xxh3_128 checksum"
+    assert damage in ref["refused"]
+    assert ref["refused"] == (run_dir / "refused_on_rank1").read_text()
 
 
 def test_export_of_fsdp_checkpoint_gives_the_sharded_logits(fsdp_run, tmp_path):

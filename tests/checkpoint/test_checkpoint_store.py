@@ -19,6 +19,7 @@ from baobab.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
     store,
+    verify_checkpoint,
     wait_for_checkpoint,
 )
 from baobab.models import build_model
@@ -75,7 +76,10 @@ def test_round_trip_is_bit_identical(tmp_path):
         tmp_path, 2, [model], [opt], trainer_state, META, tokenizer_file=tok, keep_last=2
     )
     assert path.name == "step_00000002" and (path / "tokenizer.json").read_text() == "{}"
-    assert read_meta(path) == {**META, "step": 2}
+    meta = read_meta(path)
+    files = meta.pop("checksums")["files"]  # every other file's size and checksum
+    assert meta == {**META, "step": 2}
+    assert sorted(files) == sorted(p.name for p in path.iterdir() if p.name != "meta.json")
 
     other, other_opt, other_sched, _ = trained(seed=1, steps=0)
     loaded = load_checkpoint(tmp_path, [other], [other_opt])
@@ -198,6 +202,8 @@ def test_async_save_is_published_only_once_complete(tmp_path, monkeypatch):
     gate.set()
     waiter.join(60)
     assert final.is_dir() and latest_checkpoint(tmp_path) == final
+    assert {"__0_0.distcp", ".metadata"} <= read_meta(final)["checksums"]["files"].keys()
+    assert verify_checkpoint(final) is None  # hashed by the background writer too
     rebuilt, _ = load_trained_model(final)
     for name, value in rebuilt.state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
