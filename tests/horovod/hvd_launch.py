@@ -1,5 +1,6 @@
 """Run a script under ``torchrun --standalone`` (its ``localhost:0`` rendezvous takes a free
-port) or alone without torchrun's variables, with a bounded timeout."""
+port) or alone without torchrun's variables, with a bounded timeout, optionally with other
+kernels than this process's (``KERNELS`` of tests/numerics.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+from numerics import KERNELS
 
 HERE = Path(__file__).parent
 TORCHRUN_VARS = (
@@ -19,12 +22,14 @@ TORCHRUN_VARS = (
 )
 
 
-def _env() -> dict[str, str]:
+def _env(kernels: str = "inherited") -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_VARS}
-    return {**env, "OMP_NUM_THREADS": "1"}
+    return {**env, "OMP_NUM_THREADS": "1", **KERNELS[kernels]}
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> None:
+def torchrun(
+    script: str, *args: str, nproc: int = 2, timeout: int = 120, kernels: str = "inherited"
+) -> None:
     cmd = [
         sys.executable,
         "-m",
@@ -37,7 +42,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> Non
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_env(),
+        env=_env(kernels),
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

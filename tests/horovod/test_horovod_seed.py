@@ -4,7 +4,9 @@ Under ``torchrun --nproc-per-node 2`` each rank sees half of every global batch
 (DistributedSampler, no shuffle: rank 0 and rank 1 shards together are the global batch),
 and the averaged gradient of two equal shards is the full-batch gradient; so both ranks must
 end with the parameters of one plain-torch process over the full batches. Run alone, the
-same script is a size-1 job and must match too.
+same script is a size-1 job and must match too. Within ``sgd_tolerance`` (tests/numerics.py):
+plain SGD adds no more than rounding to rounding, 2 ulps of the parameters' scale a step;
+the two ranks run other kernels than the reference, as on another CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from hvd_launch import alone, torchrun  # tests/horovod is on sys.path (pytest's rootdir import)
-from seed_horovod_train import EPOCHS, GLOBAL_BATCH, Net, synthetic_data
+from numerics import assert_tensors_close, sgd_tolerance
+from seed_horovod_train import EPOCHS, GLOBAL_BATCH, SAMPLES, Net, synthetic_data
 from torch.utils.data import DataLoader
 
 
@@ -38,16 +41,20 @@ def _load(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)
 
 
+def _assert_matches(got: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    steps = EPOCHS * (SAMPLES // GLOBAL_BATCH)
+    scale = max(t.abs().max().item() for t in reference.values())
+    assert_tensors_close(got, reference, sgd_tolerance(steps, scale), "parameters")
+
+
 def test_two_ranks_match_single_process_full_batch(tmp_path, reference):
-    torchrun("seed_horovod_train.py", str(tmp_path))
+    torchrun("seed_horovod_train.py", str(tmp_path), kernels="default")
     ranks = [_load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    for name, want in reference.items():
+    for name in reference:
         assert torch.equal(ranks[0][name], ranks[1][name]), name
-        torch.testing.assert_close(ranks[0][name], want, rtol=0, atol=1e-6, msg=name)
+    _assert_matches(ranks[0], reference)
 
 
 def test_same_script_runs_alone_as_size_one(tmp_path, reference):
     alone("seed_horovod_train.py", str(tmp_path))
-    got = _load(tmp_path / "rank0.pt")
-    for name, want in reference.items():
-        torch.testing.assert_close(got[name], want, rtol=0, atol=1e-6, msg=name)
+    _assert_matches(_load(tmp_path / "rank0.pt"), reference)

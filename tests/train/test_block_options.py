@@ -1,8 +1,12 @@
-"""Activation checkpointing and per-block compile change speed and memory, not numbers."""
+"""Activation checkpointing and per-block compile change speed and memory, not numbers:
+20 steps' losses within ``LOSS_RTOL`` (1e-5) of eager. Recomputation repeats the same
+kernels (measured: bit-identical losses); compiled kernels fuse and reorder float32 sums like
+another CPU's kernels (measured: at most 2.1e-7 relative, under AVX512, AVX2 or default ATen)."""
 
 from __future__ import annotations
 
 import pytest
+from numerics import assert_losses_close
 
 from baobab.cli import parse_run_config
 from baobab.parallel import BlockOptions
@@ -35,7 +39,7 @@ def eager(tiny_corpus, tmp_path_factory):
 )
 def test_same_losses_as_eager(eager, tiny_corpus, tmp_path, flags):
     got = losses_with(tiny_corpus, tmp_path, *flags)
-    assert got == pytest.approx(eager, rel=1e-4)
+    assert_losses_close(got, eager)
 
 
 def test_bad_options_are_refused():
