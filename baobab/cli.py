@@ -2,7 +2,8 @@
 
 jsonargparse turns each function signature and config dataclass into flags, help and the
 recipe schema; ``baobab train --recipe NAME --optim.lr 3e-4`` loads a recipe and overrides
-any key with a dotted flag. A user error ends the command with one sentence and exit 2.
+any key with a dotted flag. A user error ends the command with one sentence and exit 2; a
+run that cannot go on (bad numbers, a full disk) with one sentence and exit 1.
 """
 
 from __future__ import annotations
@@ -20,13 +21,16 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E4
 
 from baobab import commands, launch, models  # noqa: E402
 from baobab.data import PrepareConfig  # noqa: E402
+from baobab.diskspace import DiskFullError  # noqa: E402
 from baobab.recipes import recipe_path  # noqa: E402
 from baobab.serve.bench import bench_serve  # noqa: E402
 from baobab.serve.http_command import serve  # noqa: E402
 from baobab.train.config import RunConfig  # noqa: E402
 from baobab.train.trainer import TrainingError  # noqa: E402
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TrainingError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TrainingError, DiskFullError)
+# Not bad input but a run that cannot go on: exit 1 (bad input exits 2).
+RUN_ERRORS = (TrainingError, DiskFullError)
 
 
 class RecipeAction(ActionConfigFile):
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         rank = f"rank {os.environ['RANK']}: " if launch.in_worker() else ""
         print(f"{rank}error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, TrainingError) else 2
+        return 1 if isinstance(err, RUN_ERRORS) else 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

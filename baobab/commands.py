@@ -14,9 +14,11 @@ import torch
 from baobab import data as bdata
 from baobab import models
 from baobab.checkpoint import load_trained_model, resolve_checkpoint
+from baobab.diskspace import writing
 from baobab.models.sampling import generate as sample_tokens
 from baobab.recipes import recipe_names, recipe_path
 from baobab.train.config import RunConfig
+from baobab.train.metrics import format_values
 from baobab.train.run import run
 from baobab.train.trainer import TrainResult
 
@@ -34,9 +36,11 @@ def prepare(cfg: bdata.PrepareConfig) -> bdata.Manifest:
 
 def train(cfg: RunConfig) -> TrainResult:
     """Train a model from a recipe and dotted overrides."""
-    result = run(cfg)
-    summary = "  ".join(f"{k} {v:.4f}" for k, v in result.val.items())
-    print(f"done: step {result.step}, loss {result.loss:.4f}  {summary}")
+    run_dir = cfg.train.run_dir
+    # The checkpoint saves say which one failed; this catches the rest (config, metrics).
+    with writing(f"the files of run directory '{run_dir}'", run_dir):
+        result = run(cfg)
+    print(f"done: step {result.step}, loss {result.loss:.4f}  {format_values(result.val)}")
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
     return result
@@ -57,7 +61,9 @@ def evaluate(checkpoint: str, batches: int = 0) -> dict[str, float]:
 
     Args:
         checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
-        batches: at most this many validation batches (0: all).
+        batches: a sample of this many batches spread over the split, drawn as
+            train.eval_batches draws it, so it reproduces a one-process run's periodic
+            val_loss (0: the whole split).
     """
     from baobab.train.device import pick_device
     from baobab.train.evaluate import evaluate as run_eval
@@ -79,9 +85,10 @@ def evaluate(checkpoint: str, batches: int = 0) -> dict[str, float]:
     device = pick_device(cfg.train.device)
     generator = torch.Generator(device=device).manual_seed(cfg.train.seed + 1)
     result = run_eval(
-        model.to(device), bundle.val, objective, device, cfg.train.precision, batches, generator
-    )
-    print(f"{ckpt}: " + "  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        model.to(device), bundle.val, objective, device, cfg.train.precision, batches, generator,
+        seed=cfg.train.seed,
+    )  # fmt: skip
+    print(f"{ckpt}: {format_values(result)}")
     return result
 
 
@@ -145,10 +152,13 @@ def export(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool 
         checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
         out: the directory to write; loadable on one device with no torch.distributed.
         dtype: cast the weights: float32, bfloat16 or float16 (default: as trained).
-        overwrite: replace an existing export in ``out``.
+        overwrite: replace an existing export in ``out`` (a run, checkpoint, corpus or any
+            other directory is never replaced).
     """
     from baobab.export import export_checkpoint
+    from baobab.export.atomic import refuse_to_overwrite
 
+    refuse_to_overwrite(Path(out), overwrite, (checkpoint,))
     path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
     print(f"wrote {path}")
     return path
@@ -171,10 +181,12 @@ def quantize(
         bits: 8 (per-channel int8) or 4 (group-wise int4, two values per byte).
         group_size: int4 group along the input dim: 32, 64 or 128.
         symmetric: int4 without zero points.
-        overwrite: replace an existing directory at ``out``.
+        overwrite: replace an existing export at ``out``.
     """
     from baobab.export import quantize_export
+    from baobab.export.atomic import refuse_to_overwrite
 
+    refuse_to_overwrite(Path(out), overwrite, (export_dir,))
     path = quantize_export(
         export_dir, out, bits, group_size, symmetric=symmetric, overwrite=overwrite
     )
@@ -198,7 +210,7 @@ def hf_export(
         out: the Hugging Face directory to write (transformers' from_pretrained loads it).
         dtype: cast the weights: float32, bfloat16 or float16 (default: as stored).
         tokenizer: a tokenizer.json to ship instead of the one stored with the model.
-        overwrite: replace an existing directory at ``out``.
+        overwrite: replace an existing export (or Hugging Face directory) at ``out``.
     """
     import json
 
@@ -218,14 +230,14 @@ def hf_import(hf_dir: str, /, out: str, dtype: str | None = None, overwrite: boo
             with config.json and *.safetensors weights (pickled .bin weights are refused).
         out: the export directory to write (load_exported and serving read it).
         dtype: cast the weights: float32, bfloat16 or float16 (default: as stored).
-        overwrite: replace an existing directory at ``out``.
+        overwrite: replace an existing export at ``out``.
     """
     from baobab.export import import_hf, save_exported
     from baobab.export.artifact import parse_dtype
     from baobab.export.atomic import refuse_to_overwrite
 
     torch_dtype = parse_dtype(dtype)
-    refuse_to_overwrite(Path(out), overwrite)  # before reading any weights
+    refuse_to_overwrite(Path(out), overwrite, (hf_dir,))  # before reading any weights
     model, meta = import_hf(hf_dir, torch_dtype)
     objective = models.task_of(model.cfg)
     path = save_exported(

@@ -183,6 +183,20 @@ def test_export_and_quantize_commands(capsys, trained_run, tmp_path):
     )
 
 
+def test_export_over_its_own_run_keeps_the_run(capsys, trained_run, tmp_path):
+    # Issue 13, item 7: this exact command replaced the run, checkpoints included.
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    argv = ["export", "--checkpoint", str(run), "--out", str(run), "--overwrite", "true"]
+    assert error_of(capsys, argv) == (
+        f"error: --out '{run}' is a run directory, which an export must never replace nor "
+        "write into; choose an --out outside it"
+    )
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+    assert len(list((run / "checkpoints").glob("step_*"))) >= 1
+
+
 def test_flags_may_be_spelled_with_hyphens(capsys):
     # --max-tokens reaches generate's max_tokens, which refuses 0 before any loading.
     err = error_of(capsys, ["generate", "--checkpoint", "nowhere", "--max-tokens", "0"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from baobab.data.arrays import BatchDataset
@@ -63,13 +64,16 @@ class DataLoader:
         while True:
             yield self.next_batch()
 
-    def iter_epoch(self, batch_size: int | None = None) -> Iterator[Batch]:
-        """One in-order pass over all samples for evaluation, split across ranks like
-        training batches (the last partial batch included; a rank with no share of it
-        gets no batch). Leaves the training position untouched."""
+    def iter_epoch(
+        self, batch_size: int | None = None, indices: np.ndarray | None = None
+    ) -> Iterator[Batch]:
+        """One in-order pass over all samples (or over ``indices``, e.g. a
+        ``spread_sample``) for evaluation, split across ranks like training batches (the
+        last partial batch included; a rank with no share of it gets no batch). Leaves the
+        training position untouched."""
         s = self.sampler
         for idx in ordered_batches(
-            len(self.dataset), batch_size or s.batch_size, s.rank, s.world_size
+            len(self.dataset), batch_size or s.batch_size, s.rank, s.world_size, indices
         ):
             yield self.dataset.get_batch(idx)
 

@@ -29,6 +29,7 @@ from baobab.data.manifest import MANIFEST_NAME, MANIFEST_VERSION, SPLITS, Manife
 from baobab.data.sources import find_files as _find_files
 from baobab.data.sources import iter_documents, stdlib_files
 from baobab.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
+from baobab.diskspace import writing
 
 _FLUSH_TOKENS = 1 << 20  # a worker buffers at most ~this many ids per split in memory
 _COPY_TOKENS = 1 << 22  # the main process copies parts into shards in chunks this big
@@ -225,7 +226,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if (out / MANIFEST_NAME).exists():
         if not overwrite:
             raise ValueError(
-                f"'{out}' already holds a prepared corpus; pass --overwrite or choose another directory"
+                f"'{out}' already holds a prepared corpus; pass --overwrite true or choose another --out"
             )
     elif out.is_dir() and any(out.iterdir()):
         # Never replace a directory we did not write: it may hold anything.
@@ -283,10 +284,12 @@ def prepare(cfg: PrepareConfig) -> Manifest:
     files = _find_files(cfg.inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
-        manifest = _build(cfg, files, tmp)
-        _move_into_place(tmp, out)
+        # A full disk is one sentence, its free space read before the cleanup below.
+        with writing(f"the prepared corpus '{out}'", out.parent):
+            tmp.mkdir()
+            manifest = _build(cfg, files, tmp)
+            _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

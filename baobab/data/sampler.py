@@ -153,16 +153,50 @@ class GlobalSampler:
         )
 
 
+# Mixed into the sample's seed so that it shares no stream with the training order, which
+# is seeded by [seed, epoch].
+_SPREAD_SAMPLE_TAG = 0x5EED_E7A1
+
+
+def spread_sample(num_samples: int, count: int, seed: int) -> np.ndarray:
+    """``count`` distinct sample indices spread over ``[0, num_samples)``, sorted, int64.
+
+    The range is cut into ``count`` equal strata (sizes differ by at most one) and one
+    index is drawn from each by a generator seeded with ``seed`` (no global state): it covers
+    the whole split evenly (unlike its first ``count`` samples, which may all come from one
+    file), is random within each stratum (no aliasing with a periodic layout of the data),
+    and is the same at every call, so evaluations made with it are comparable.
+    ``count >= num_samples`` gives every index.
+    """
+    if count < 1:
+        raise ValueError(f"the evaluation sample needs at least 1 sample, got {count}")
+    if count >= num_samples:
+        return np.arange(num_samples, dtype=np.int64)
+    bounds = np.arange(count + 1, dtype=np.int64) * num_samples // count  # (count + 1,)
+    rng = np.random.default_rng([seed, _SPREAD_SAMPLE_TAG])
+    return rng.integers(bounds[:-1], bounds[1:]).astype(np.int64)  # bounds[i] <= pick < [i+1]
+
+
 def ordered_batches(
-    num_samples: int, batch_size: int, rank: int = 0, world_size: int = 1
+    num_samples: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    indices: np.ndarray | None = None,
 ) -> Iterator[np.ndarray]:
     """One in-order pass for evaluation: rank r's share of each global batch, the last
-    partial batch included and split with np.array_split; empty shares are skipped."""
+    partial batch included and split with np.array_split; empty shares are skipped.
+
+    ``indices`` (default: all of ``range(num_samples)``) is the pass's global order, e.g.
+    a ``spread_sample``; the ranks' shares of one global batch concatenate in rank order to
+    the batch one process would take, so the world size does not change what is covered.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    order = np.arange(num_samples, dtype=np.int64) if indices is None else np.asarray(indices)
     global_batch = batch_size * world_size
-    for start in range(0, num_samples, global_batch):
-        idx = np.arange(start, min(start + global_batch, num_samples), dtype=np.int64)
+    for start in range(0, order.size, global_batch):
+        idx = order[start : start + global_batch]
         if idx.size == global_batch:
             local = idx[rank * batch_size : (rank + 1) * batch_size]
         else:

@@ -63,8 +63,8 @@ def save_exported(
 
     Args:
         model: the model, in the dtype to store (cast it first to change it).
-        out: the export directory; an existing non-empty one is replaced only with
-            ``overwrite``.
+        out: the export directory; an existing export there is replaced only with
+            ``overwrite`` (a run, checkpoint, corpus or other directory never is).
         described: ``{"name", "family", "config"}`` that rebuild the model's structure.
         objective: its training objective (e.g. "causal_lm"), for the commands that use it.
         step: the training step it comes from, if any.

@@ -86,8 +86,8 @@ def export_hf(
     Args:
         model_or_checkpoint: a baobab ``gpt`` module, or a directory ``open_model`` reads:
             a baobab export, a training checkpoint or run directory (or an HF directory).
-        out: the output directory; an existing non-empty one is replaced only with
-            ``overwrite``.
+        out: the output directory; an existing export there is replaced only with
+            ``overwrite`` (a run, checkpoint, corpus or other directory never is).
         tokenizer_file: a tokenizer.json path or ``baobab.data.Tokenizer``; unset, the one
             stored with the model directory (if any) is used.
         dtype: cast floating weights to "float32", "bfloat16" or "float16" (unset: keep).
@@ -95,7 +95,8 @@ def export_hf(
     """
     torch_dtype = parse_dtype(dtype)
     out = Path(out)
-    refuse_to_overwrite(out, overwrite)  # before any loading
+    sources = () if isinstance(model_or_checkpoint, nn.Module) else (model_or_checkpoint,)
+    refuse_to_overwrite(out, overwrite, sources)  # before any loading
     if isinstance(model_or_checkpoint, nn.Module):
         model, stored_tok = model_or_checkpoint, None
     else:
@@ -131,7 +132,7 @@ def export_hf(
         config["pad_token_id"] = pad_id
     generation = {"bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id}
 
-    with atomic_directory(out, overwrite) as tmp:
+    with atomic_directory(out, overwrite, "Hugging Face directory", sources) as tmp:
         save_file(weights, str(tmp / MODEL_FILE), metadata={"format": "pt"})
         _write_json(tmp / CONFIG_FILE, config)
         _write_json(tmp / GENERATION_FILE, generation)

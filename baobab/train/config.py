@@ -144,7 +144,10 @@ class TrainerConfig:
         device: auto (CUDA, then MPS, then CPU) or a torch device string.
         seed: seeds model initialisation, data order and sampling.
         eval_every: evaluate every this many steps (0: only at the end).
-        eval_batches: at most this many validation batches per evaluation (0: all).
+        eval_batches: evaluate on this many global batches (data.batch_size samples per
+            data-parallel rank each) at fixed positions spread over the whole validation
+            split, drawn with train.seed: the same samples at every evaluation (0: the whole
+            split, in order). The log shows the tokens (or samples) covered as val_tokens.
         save_every: checkpoint every this many steps (0: only at the end).
         keep_last: how many checkpoints to keep.
         async_save: write checkpoints in the background while training goes on.

@@ -89,6 +89,13 @@ def rewind_metrics(run_dir: str | Path, step: int) -> int:
     return dropped
 
 
+def format_values(values: dict[str, Any]) -> str:
+    """``key value`` pairs for a log line: floats to 4 decimals, counts (val_tokens) whole."""
+    return "  ".join(
+        f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in values.items()
+    )
+
+
 class Progress:
     """A progress bar over optimizer steps showing loss, lr, throughput, MFU (tqdm adds ETA)."""
 

@@ -37,6 +37,7 @@ from baobab.checkpoint import (
     save_checkpoint,
     wait_for_checkpoint,
 )
+from baobab.diskspace import writing
 from baobab.optim import clip_gradients
 from baobab.parallel import ParallelModel, clip_grad_norm_parallel
 from baobab.train import distributed as bdist
@@ -50,7 +51,7 @@ from baobab.train.faults import (
     describe_error,
     write_note,
 )
-from baobab.train.metrics import MetricsLog, Progress
+from baobab.train.metrics import MetricsLog, Progress, format_values
 from baobab.train.objectives import Batch, Objective, build_objective
 from baobab.train.recovery import StartPlan, plan_start
 from baobab.train.watchdog import Watchdog
@@ -172,10 +173,11 @@ class Trainer:
     def save(self) -> Path:
         self.watchdog.phase(f"step {self.step}: checkpoint save")
         self._refuse_non_finite_weights()
-        return save_checkpoint(
-            self.run_dir, self.step, self.parts, self.optimizers, self.trainer_state(), self.meta,
-            tokenizer_file=self.tokenizer_file, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save,
-        )  # fmt: skip
+        with writing(f"checkpoint step_{self.step:08d} in run directory '{self.run_dir}'", self.run_dir):  # fmt: skip
+            return save_checkpoint(
+                self.run_dir, self.step, self.parts, self.optimizers, self.trainer_state(), self.meta,
+                tokenizer_file=self.tokenizer_file, keep_last=self.cfg.keep_last, async_save=self.cfg.async_save,
+            )  # fmt: skip
 
     def _refuse_non_finite_weights(self) -> None:
         """A checkpoint must never hold bad weights (an update can overflow with a finite
@@ -274,7 +276,10 @@ class Trainer:
                     break
             if self.cfg.async_save:  # collective: publish the last background save
                 self.watchdog.phase("end: finishing the last checkpoint")
-                result.checkpoint = wait_for_checkpoint() or result.checkpoint
+                with writing(
+                    f"the last checkpoint in run directory '{self.run_dir}'", self.run_dir
+                ):
+                    result.checkpoint = wait_for_checkpoint() or result.checkpoint
         finally:
             progress.close()
             if log:
@@ -375,15 +380,15 @@ class Trainer:
         if log:
             log.write({"step": self.step, **val})
         if log:  # rank 0 alone reports
-            progress.write(
-                f"step {self.step:>6}  " + "  ".join(f"{k} {v:.4f}" for k, v in val.items())
-            )
+            progress.write(f"step {self.step:>6}  {format_values(val)}")
         return val
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation figures on train.eval_batches global batches spread over the split
+        (0: all of it), the same samples, and masks for masked LM, at every evaluation."""
         generator = torch.Generator(device=self.device).manual_seed(self._eval_generator_seed)
         return evaluate(
             self.model, self.val_loader, self.objective.for_evaluation(), self.device, self.cfg.precision, self.cfg.eval_batches,
-            generator, parallel=self.parallel,
+            generator, parallel=self.parallel, seed=self.cfg.seed,
         )  # fmt: skip

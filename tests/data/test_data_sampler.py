@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from baobab.data import GlobalSampler
+from baobab.data.sampler import ordered_batches, spread_sample
 
 
 def ranks(n, batch_size, world_size, **kw) -> list[GlobalSampler]:
@@ -107,3 +108,28 @@ def test_errors():
     s = GlobalSampler(10, 2)
     with pytest.raises(ValueError, match="state is for 11 samples but this dataset has 10"):
         s.load_state_dict({"epoch": 0, "cursor": 0, "seed": 0, "num_samples": 11})
+
+
+@pytest.mark.parametrize(("n", "count"), [(100, 7), (64, 8), (9, 9), (5, 12)])
+def test_spread_sample_takes_one_sample_per_stratum(n, count):
+    sample = spread_sample(n, count, seed=5)
+    np.testing.assert_array_equal(sample, spread_sample(n, count, seed=5))  # fixed by the seed
+    if count >= n:
+        np.testing.assert_array_equal(sample, np.arange(n))
+        return
+    bounds = np.arange(count + 1) * n // count
+    assert sample.dtype == np.int64 and sample.shape == (count,)
+    assert np.all((bounds[:-1] <= sample) & (sample < bounds[1:]))  # sorted, distinct, spread
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        spread_sample(n, 0, seed=5)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_share_one_evaluation_sample(world_size):
+    """Each rank evaluates its share of the same global sample, whatever the world size."""
+    sample = spread_sample(1000, 30, seed=1)  # 30 = 5 global batches of 6
+    single = list(ordered_batches(1000, 6, indices=sample))
+    shares = [list(ordered_batches(1000, 6 // world_size, r, world_size, sample))
+              for r in range(world_size)]  # fmt: skip
+    for step, whole in enumerate(single):
+        np.testing.assert_array_equal(np.concatenate([s[step] for s in shares]), whole)

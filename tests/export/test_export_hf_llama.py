@@ -82,10 +82,13 @@ def test_export_refuses_to_overwrite_and_mixed_variants(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="already exists and is not empty"):
-        export_hf(model, tmp_path / "hf")
+        export_hf(model, tmp_path / "hf", overwrite=True)  # not an export: never replaced
     assert (tmp_path / "hf" / "keep.txt").is_file()
-    export_hf(model, tmp_path / "hf", overwrite=True)
-    assert not (tmp_path / "hf" / "keep.txt").exists()
+    (tmp_path / "hf" / "keep.txt").unlink()
+    export_hf(model, tmp_path / "hf")
+    with pytest.raises(ValueError, match="already holds an export; pass --overwrite true"):
+        export_hf(model, tmp_path / "hf")
+    export_hf(model, tmp_path / "hf", overwrite=True)  # a Hugging Face directory is an export
     mixed = build_model("gpt", **TINY, norm="layernorm", position="learned", bias=True)
     with pytest.raises(ValueError) as info:  # LayerNorm with SwiGLU: neither Llama nor GPT-2
         export_hf(mixed, tmp_path / "other")

@@ -77,15 +77,17 @@ def test_refuses_to_overwrite_unless_told(checkpoint, tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    with pytest.raises(ValueError, match="already exists and is not empty; pass overwrite=True"):
-        export_checkpoint(ckpt, out)
+    with pytest.raises(ValueError, match="not an export .* even --overwrite true does not"):
+        export_checkpoint(ckpt, out, overwrite=True)  # only an export is ever replaced
     assert (out / "keep.txt").read_text() == "mine"
-    export_checkpoint(ckpt, out, overwrite=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
     empty = tmp_path / "empty"
     empty.mkdir()
     export_checkpoint(ckpt, empty)  # an empty directory is fine
+    with pytest.raises(ValueError, match="already holds an export; pass --overwrite true"):
+        export_checkpoint(ckpt, empty)
+    export_checkpoint(ckpt, empty, overwrite=True)
+    assert (empty / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")] == []
 
 
 def test_missing_export_is_one_sentence(tmp_path):
