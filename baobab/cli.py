@@ -86,6 +86,30 @@ def prepare_parser() -> ArgumentParser:
     return parser
 
 
+# ``baobab plan``'s own flags beyond ``baobab train``'s: name -> (type, default, help).
+PLAN_FLAGS: dict[str, tuple[type, Any, str]] = {
+    "nproc_per_node": (int, 1, "ranks per node, as for baobab train"),
+    "nnodes": (int, 1, "number of nodes, as for baobab train"),
+    "device_memory": (str, None, "memory per device, e.g. 80GiB (default: this machine's)"),
+    "device_peak_tflops": (float, None, "peak TFLOP/s per device (default: known or measured)"),
+    "intra_node_gbps": (float, 200.0, "GB/s a rank moves in collectives within a node"),
+    "inter_node_gbps": (float, 25.0, "GB/s a rank moves in collectives across nodes"),
+}
+
+
+def plan_parser() -> ArgumentParser:
+    parser = run_config_parser("baobab plan")
+    parser.description = commands.plan.__doc__.split("``search``")[0].strip()
+    for name, (kind, default, help_text) in PLAN_FLAGS.items():
+        parser.add_argument(f"--{name}", type=kind | None if default is None else kind,
+                            default=default, help=help_text)  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument(
+        "--search", action="store_true", help="rank every layout of the world size that fits"
+    )
+    return parser
+
+
 # subcommand -> typed function; its signature is the subcommand's flags. A nested dict is a
 # group of subcommands (``baobab hf export``).
 COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
@@ -142,6 +166,7 @@ def build_parser() -> ArgumentParser:
     subcommands.add_subcommand(
         "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
     )
+    subcommands.add_subcommand("plan", plan_parser(), help="memory and time a run needs per device")
     for name, target in COMMANDS.items():
         if isinstance(target, dict):
             group = ArgumentParser()
@@ -194,6 +219,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("train", "finetune"):
             command = commands.train if name == "train" else commands.finetune
             command(_to_run_config(run_config_parser(), ns[name]))
+        elif name == "plan":
+            ns = ns[name].clone()
+            extra = {key: ns.pop(key) for key in (*PLAN_FLAGS, "json", "search")}
+            extra["as_json"] = extra.pop("json")
+            return 0 if commands.plan(_to_run_config(run_config_parser(), ns), **extra) else 1
         elif name == "prepare":
             commands.prepare(_instantiate(prepare_parser(), ns[name], PrepareConfig))
         else:

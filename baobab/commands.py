@@ -347,6 +347,41 @@ def plot(run_dirs: list[str], out: str = "runs/plot.png") -> Path:
     return path
 
 
+def plan(
+    cfg: RunConfig,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    device_memory: str | None = None,
+    device_peak_tflops: float | None = None,
+    as_json: bool = False,
+    search: bool = False,
+    intra_node_gbps: float = 200.0,
+    inter_node_gbps: float = 25.0,
+) -> bool:
+    """Say what a run needs per device before it starts (``baobab train``'s flags): memory
+    per rank by part against the device's, FLOPs per step, step time and MFU ceiling;
+    ``search`` ranks every layout of the world size that fits. Returns whether one fits."""
+    from baobab.train.plan_report import hardware, report
+    from baobab.train.run import _check_features
+
+    for key, value in (("nproc-per-node", nproc_per_node), ("nnodes", nnodes)):
+        if value < 1:
+            raise ValueError(f"--{key} must be at least 1, got {value}")
+    hw = hardware(
+        cfg, nproc_per_node, device_memory, device_peak_tflops, intra_node_gbps, inter_node_gbps
+    )
+    text, fits = report(
+        cfg,
+        nproc_per_node * nnodes,
+        hw,
+        find=search,
+        as_json=as_json,
+        check=lambda layout: _check_features(cfg, layout),
+    )
+    print(text)
+    return fits
+
+
 def _human(n: float) -> str:
     for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= scale:

@@ -3,7 +3,8 @@
 Both train the same model (same init), on the same token windows, with the same batch,
 AdamW and gradient clipping, for the same number of steps; rounds alternate between the
 two so drift of a shared machine hits both. Prints tokens/s of each, their ratio and MFU
-against a matmul peak measured in this run; writes JSON.
+by baobab's one definition (``baobab.train.device``: the data-sheet peak of a known GPU for
+the run's compute dtype, else a probe that load does not lower); writes JSON.
 
     python benchmarks/train_throughput.py [--model gpt-mini] [--steps 40] [--rounds 3]
 """
@@ -25,7 +26,7 @@ from baobab import data as bdata
 from baobab import models
 from baobab.optim import OptimConfig, ScheduleConfig, build_optimizer, build_scheduler
 from baobab.train import Trainer, TrainerConfig, build_objective
-from baobab.train.device import autocast_context, measure_matmul_peak, pick_device
+from baobab.train.device import autocast_context, compute_dtype, mfu, peak_flops, pick_device
 
 
 def baseline_loop(
@@ -86,7 +87,7 @@ def baobab_loop(
             grad_clip_norm=1.0,
             flops_per_item=flops,
         )
-        trainer.scheduler = build_scheduler(optimizer, ScheduleConfig(name="constant"), steps)
+        trainer.schedulers = [build_scheduler(optimizer, ScheduleConfig(name="constant"), steps)]
         start = time.perf_counter()
         trainer.fit()
         _sync(trainer.device)
@@ -121,12 +122,7 @@ def main() -> None:
     manifest = bdata.Manifest.load(data_dir)
     model_cfg = models.get_config(args.model, vocab_size=manifest.vocab_size)
     flops = models.training_flops_per_token(model_cfg, args.seq_len)
-    peak_dtype = (
-        torch.bfloat16 if device.type == "cuda" and args.precision != "fp32" else torch.float32
-    )
-    peak = measure_matmul_peak(
-        device, peak_dtype, size=4096 if device.type == "cuda" else 1024, seconds=1.0
-    )
+    peak, peak_source = peak_flops(device, compute_dtype(device, args.precision))
     tokens_np = np.concatenate([np.asarray(m) for m in manifest.open_tokens("train")])
     n_windows = (len(tokens_np) - 1) // args.seq_len
     windows = np.lib.stride_tricks.as_strided(
@@ -168,7 +164,7 @@ def main() -> None:
             f"round {r + 1}: baseline {times['baseline'][-1]:.2f}s  baobab {times['baobab'][-1]:.2f}s"
         )
     tps = {k: tokens_per_run / min(v) for k, v in times.items()}
-    mfu = {k: v * flops / peak for k, v in tps.items()}
+    utilisation = {k: mfu(v * flops, peak) for k, v in tps.items()}
     result = {
         "model": args.model,
         "params": models.count_params(fresh_model()),
@@ -181,17 +177,18 @@ def main() -> None:
         "steps_per_round": args.steps,
         "rounds": args.rounds,
         "train_flops_per_token": flops,
-        "matmul_peak_flops": peak,
+        "peak_flops": peak,
+        "peak_source": peak_source,
         "tokens_per_s": tps,
-        "mfu": mfu,
+        "mfu": utilisation,
         "ratio_baobab_over_baseline": tps["baobab"] / tps["baseline"],
         "seconds": times,
     }
     print(f"\n{'loop':<10} {'tokens/s':>10} {'MFU':>7}")
     for k in ("baseline", "baobab"):
-        print(f"{k:<10} {tps[k]:>10,.0f} {100 * mfu[k]:>6.1f}%")
+        print(f"{k:<10} {tps[k]:>10,.0f} {100 * utilisation[k]:>6.1f}%")
     print(
-        f"ratio baobab/baseline: {result['ratio_baobab_over_baseline']:.3f}  (matmul peak {peak / 1e9:.1f} GFLOP/s, {result['device']})"
+        f"ratio baobab/baseline: {result['ratio_baobab_over_baseline']:.3f}  (peak {peak / 1e9:.1f} GFLOP/s, {peak_source}; {result['device']})"
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

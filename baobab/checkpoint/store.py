@@ -367,6 +367,7 @@ def load_trained_model(
     any layout.
     """
     from baobab import models  # checkpoints describe models; models know nothing of checkpoints
+    from baobab.models.common.init import allocate
 
     ckpt = resolve_checkpoint(path)
     check = LoadCheck(ckpt, distributed=False)  # meta.json checked before it builds a model
@@ -374,12 +375,14 @@ def load_trained_model(
     described = meta.get("model")
     if not isinstance(described, dict) or "name" not in described:
         raise ValueError(f"checkpoint '{ckpt}' has no model description in its {META_FILE}")
-    model = models.build_model(models.get_config(described["name"], **described.get("config", {})))
+    cfg = models.get_config(described["name"], **described.get("config", {}))
+    model = models.build_model(cfg, device="meta")  # allocated below, never initialised
     lora = meta.get("lora")
     if lora:  # a LoRA fine-tune: load base + adapters as trained, then fold the adapters in
         from baobab.models.lora import LoRAConfig, apply_lora, merge_lora
 
         apply_lora(model, LoRAConfig(**{**lora, "targets": tuple(lora["targets"])}))
+    allocate(model, "cpu")  # DCP writes every stored tensor in place
     _load_into(ckpt, [model], [], check)
     if lora:
         merge_lora(model).requires_grad_(True)

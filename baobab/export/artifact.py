@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_model
 from torch import nn
 
 import baobab
@@ -88,24 +90,78 @@ def save_exported(
     return Path(out)
 
 
-def load_exported(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild an exported model and load its safetensors weights (eval mode)."""
+class StoredWeights(Mapping[str, torch.Tensor]):
+    """An export's tensors by the model's names, each read from disk when asked for.
+
+    A sharded fine-tune (``--model.init``) copies its shards from one full tensor at a
+    time and so never holds the whole base. A tied name (the head of a tied GPT) reads its
+    group's one stored tensor. ``shapes`` comes from the file's header, reading nothing.
+    """
+
+    def __init__(self, file: Path, model: nn.Module) -> None:
+        from baobab.models.common.init import tied_groups
+
+        self.file = file
+        with safe_open(str(file), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+        self._names = {k: k for k in stored}  # model name -> stored name
+        for group in tied_groups(model):
+            held = next((n for n in group if n in stored), None)
+            self._names.update(dict.fromkeys(group, held) if held else {})
+        self.shapes = {name: stored[key] for name, key in self._names.items()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_tensor(self._names[name])
+
+    def __contains__(self, name: object) -> bool:  # Mapping's default would read the tensor
+        return name in self._names
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_exported(path: str | Path) -> tuple[nn.Module, StoredWeights, dict[str, Any]]:
+    """An export's model built on meta (nothing allocated), its tensors to read lazily,
+    and its config.json: what a sharded fine-tune starts from."""
     from baobab import models
 
     path = Path(path)
     config = read_config(path)
     described = config["model"]
-    model = models.build_model(models.get_config(described["name"], **described["config"]))
-    dtype = parse_dtype(config.get("dtype"))
+    cfg = models.get_config(described["name"], **described["config"])
+    model = models.build_model(cfg, device="meta")
+    return model, StoredWeights(path / MODEL_FILE, model), config
+
+
+def load_exported(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild an exported model and load its safetensors weights (eval mode).
+
+    The model is built on the meta device and the stored tensors, read straight onto
+    ``device`` in their stored dtype (or cast to ``dtype`` one tensor at a time), are
+    assigned to it: no random init is drawn or overwritten. Only the non-persistent
+    buffers (RoPE tables) are computed.
+    """
+    from baobab import models
+    from baobab.models.common.init import load_weights
+
+    path = Path(path)
+    config = read_config(path)
+    described = config["model"]
+    cfg = models.get_config(described["name"], **described["config"])
+    model = models.build_model(cfg, device="meta")
+    stored = load_file(path / MODEL_FILE, device=str(torch.device(device)))
     if dtype is not None:
+        for key, tensor in stored.items():
+            if tensor.is_floating_point():
+                stored[key] = tensor.to(dtype)
+    load_weights(model, stored, str(path / MODEL_FILE), against="its config.json")
+    dtype = dtype or parse_dtype(config.get("dtype"))
+    if dtype is not None:  # the computed buffers too, as the stored weights (no copy of those)
         model.to(dtype)
-    try:
-        load_model(model, path / MODEL_FILE, strict=True)
-    except RuntimeError as err:  # missing/unexpected keys or a shape mismatch
-        detail = " ".join(str(err).split())
-        raise ValueError(
-            f"'{path / MODEL_FILE}' does not match its config.json: {detail}"
-        ) from None
-    return model.to(device).eval(), config
+    return model.eval(), config

@@ -27,6 +27,7 @@ from baobab.export.artifact import CONFIG_FILE, TOKENIZER_FILE
 from baobab.export.hf_common import GPTFormat, Weights, need
 from baobab.export.hf_gpt2 import GPT2
 from baobab.export.hf_llama import LLAMA
+from baobab.models.common.init import load_weights
 
 INDEX_FILE = "model.safetensors.index.json"
 # Hugging Face causal-LM architecture -> the gpt variant it maps to, both directions.
@@ -156,7 +157,7 @@ def import_hf(
     except KeyError as err:
         raise ValueError(f"'{path}' lacks {err}, which {arch} needs.") from None
     cfg = models.get_config(family, **values)
-    model = models.build_model(cfg)
+    model = models.build_model(cfg, device="meta")  # the weights are assigned, not copied
     expected = model.state_dict()
     missing = sorted(k for k in expected if k not in sd)
     if family == "gpt" and missing:
@@ -167,10 +168,16 @@ def import_hf(
                 f"weight {key} has shape {tuple(tensor.shape)} but {arch} config.json "
                 f"implies {tuple(expected[key].shape)}."
             )
-    model.load_state_dict(sd, strict=False)
-    if dtype is not None:
-        model.to(dtype)
     used = {t.untyped_storage().data_ptr() for t in sd.values()}  # views share storage
+    if dtype is not None:
+        sd = {k: t.to(dtype) if t.is_floating_point() else t for k, t in sd.items()}
+    # Converted views (transposes, permutations, the chunks of a fused c_attn) become
+    # parameters that own their storage, as safetensors needs to save them; a BertModel
+    # without its MLM head gets that head from its init rules, seeded as a run's seed 0.
+    sd = {k: _owning(t) for k, t in sd.items()}
+    load_weights(model, sd, str(path), against=f"its {arch} config.json", missing_seed=0)
+    if dtype is not None:
+        model.to(dtype)  # the computed buffers and initialised head too
     tok = path / TOKENIZER_FILE
     meta = {
         "model": {"name": family, "family": family, "config": dataclasses.asdict(cfg)},
@@ -182,3 +189,10 @@ def import_hf(
         "tokenizer": str(tok) if tok.is_file() else None,
     }
     return model.eval(), meta
+
+
+def _owning(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is the whole of its storage, else a contiguous copy."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.contiguous().clone() if t.is_contiguous() else t.contiguous()

@@ -12,10 +12,12 @@ directory" from the user; this is the one place that tells the kinds apart, by t
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
@@ -23,14 +25,26 @@ from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 
 @dataclass
 class OpenedModel:
-    model: nn.Module  # eval mode, on CPU, plain modules (adapters merged, not quantized)
+    model: nn.Module  # eval mode, on CPU, plain modules (adapters merged, not quantized);
+    # on the meta device when opened ``lazy`` from an export (then ``weights`` holds them)
     described: dict[str, Any]  # {"name", "family", "config"} as in an export's config.json
     tokenizer_file: Path | None  # the tokenizer.json stored with the model, if any
     source: str  # "export", "huggingface" or "checkpoint"
+    weights: Mapping[str, torch.Tensor] | None = None  # lazily read tensors (lazy exports)
+
+    def tensors(self) -> Mapping[str, torch.Tensor]:
+        """The model's tensors by name: read one at a time from disk for a lazy export,
+        else the loaded model's state dict."""
+        return self.weights if self.weights is not None else self.model.state_dict()
 
 
-def open_model(path: str | Path) -> OpenedModel:
-    """Load the model stored in ``path`` (see the module docstring for what ``path`` may be)."""
+def open_model(path: str | Path, lazy: bool = False) -> OpenedModel:
+    """Load the model stored in ``path`` (see the module docstring for what ``path`` may be).
+
+    Every kind is built on meta and its stored tensors assigned (never a random init that
+    is then overwritten). With ``lazy``, an export's tensors are not read now: ``model``
+    stays on meta and ``weights`` reads each tensor when asked (a sharded fine-tune's base).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"model directory '{path}' does not exist")
@@ -46,10 +60,14 @@ def open_model(path: str | Path) -> OpenedModel:
             raise ValueError(
                 f"'{path}' is a quantized export; start from the unquantized model instead"
             )
-        from baobab.export.artifact import load_exported
+        from baobab.export.artifact import load_exported, open_exported
 
+        tokenizer = _file(path / TOKENIZER_FILE)
+        if lazy:
+            model, weights, config = open_exported(path)
+            return OpenedModel(model, config["model"], tokenizer, "export", weights)
         model, config = load_exported(path)
-        return OpenedModel(model, config["model"], _file(path / TOKENIZER_FILE), "export")
+        return OpenedModel(model, config["model"], tokenizer, "export")
     # Imported here: only checkpoints need torch.distributed.checkpoint.
     from baobab.checkpoint import load_trained_model, resolve_checkpoint
 

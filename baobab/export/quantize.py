@@ -34,6 +34,7 @@ from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
 from baobab.export.atomic import atomic_directory
+from baobab.models.common.init import load_weights
 
 BITS = (8, 4)
 GROUP_SIZES = (32, 64, 128)
@@ -326,66 +327,9 @@ def load_quantized(
         )
 
     _swap(model, tuple(quant.get("skip", DEFAULT_SKIP)), empty)
-    _assign(model, load_file(path / MODEL_FILE, device=str(device)), path / MODEL_FILE)
-    _rebuild_buffers(model, torch.device(device))
+    stored = load_file(path / MODEL_FILE, device=str(torch.device(device)))
+    load_weights(model, stored, str(path / MODEL_FILE), against="its config.json")
     return model.eval(), config
-
-
-def _assign(model: nn.Module, stored: dict[str, torch.Tensor], file: Path) -> None:
-    """Assign ``stored`` to ``model``'s meta tensors, each tied group from its one stored name."""
-    groups: dict[int, list[str]] = {}  # id(tensor) -> every name it goes by
-    persistent = set(model.state_dict())
-    for name, t in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        if name in persistent:
-            groups.setdefault(id(t), []).append(name)
-    state: dict[str, torch.Tensor] = {}
-    missing = []
-    for names in groups.values():
-        present = [n for n in names if n in stored]
-        if not present:
-            missing.extend(names)
-        for n in names:
-            if present:
-                state[n] = stored[present[0]]
-    unexpected = sorted(set(stored) - set(state))
-    if missing or unexpected:
-        raise ValueError(
-            f"'{file}' does not match its config.json: missing {sorted(missing)}, "
-            f"unexpected {unexpected}"
-        )
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as err:  # a shape mismatch
-        detail = " ".join(str(err).split())
-        raise ValueError(f"'{file}' does not match its config.json: {detail}") from None
-    for names in groups.values():  # assign=True makes one Parameter per name: tie them again
-        first = model.get_parameter(names[0]) if _is_param(model, names[0]) else None
-        for n in names[1:]:
-            if first is not None:
-                parent, _, leaf = n.rpartition(".")
-                setattr(model.get_submodule(parent), leaf, first)
-
-
-def _is_param(model: nn.Module, name: str) -> bool:
-    parent, _, leaf = name.rpartition(".")
-    return leaf in model.get_submodule(parent)._parameters
-
-
-def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
-    """Recompute the non-persistent buffers (never stored) that are still on meta."""
-    cfg = getattr(model, "cfg", None)
-    if hasattr(model, "rope_cos") and model.rope_cos.is_meta:
-        from baobab.models.common import rope_cos_sin
-
-        model.rope_cos, model.rope_sin = rope_cos_sin(
-            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device
-        )
-    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if left:
-        raise ValueError(f"load_quantized cannot rebuild these tensors of the model: {left}")
 
 
 def quantize_export(

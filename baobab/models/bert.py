@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baobab.models.common import check_fraction, check_positive, materialize
+from baobab.models.common import check_fraction, check_positive
+from baobab.models.common.init import InitFn, normal, ones, zeros
 
 
 @dataclass(frozen=True)
@@ -143,22 +144,19 @@ class Bert(nn.Module):
             self.dropout = nn.Dropout(cfg.dropout)
             self.layers = nn.ModuleDict({str(i): BertBlock(cfg) for i in range(cfg.n_layer)})
             self.mlm_head = MLMHead(cfg)
-        materialize(self)
+            # One Parameter, two users; the decoder keeps its own bias.
+            self.mlm_head.decoder.weight = self.word_embeddings.weight
+        # Built on meta; build_model allocates it and fills it by init_rules().
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter from the global RNG, as Hugging Face BERT does."""
-        # Re-tie on every call: Module.to_empty() replaces the shared Parameter.
-        self.mlm_head.decoder.weight = self.word_embeddings.weight
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                if module is not self.mlm_head.decoder:
-                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
+    def init_rules(self) -> dict[str, InitFn]:
+        """How every tensor starts, by name (see baobab.models.common.init), as Hugging Face
+        BERT does: linear and embedding weights N(0, 0.02), LayerNorms at one and zero,
+        biases at zero; the decoder is the word embedding matrix."""
+        return {
+            "*norm.weight": ones,  # embed_norm, attention_norm, ffn_norm, mlm_head.norm
+            "*.bias": zeros,
+            "*.weight": normal(0.02),  # embeddings and linears
+        }
 
     def forward(
         self,

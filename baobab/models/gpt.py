@@ -8,6 +8,12 @@ The config fields ``norm``, ``mlp``, ``position`` and ``bias`` choose modules in
 ``__init__`` (LayerNorm, a 2-layer tanh-GELU MLP, learned absolute positions, biased
 projections: GPT-2); their defaults build the Llama model unchanged.
 
+This is the only place a block's math is written. The forward takes the tokens'
+``positions`` and an ``attend`` backend (``baobab.models.common.attention``): causal
+attention over the whole sequence by default (training), a contiguous KV cache for
+``generate``, the serving runner's paged cache. Serving's batch-invariant kernels are module
+swaps (fused or packed linears, composed activations), not branches here.
+
 Shape legend:
     B batch, T sequence length, C d_model, V vocab_size,
     H n_head, Hkv n_kv_head, D head_dim = d_model // n_head, F ffn_hidden.
@@ -17,17 +23,17 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from baobab.models.common import (
-    apply_rotary,
     check_choice,
     check_fraction,
     check_positive,
-    materialize,
     rope_cos_sin,
 )
+from baobab.models.common.attention import Attend, causal_attention
+from baobab.models.common.init import InitFn, computed, normal, ones, zeros
+from baobab.models.common.rope import apply_rotary_rolled, rotation_sin
 
 NORMS = ("rmsnorm", "layernorm")
 MLPS = ("swiglu", "gelu")
@@ -123,12 +129,6 @@ def _norm(cfg: GPTConfig) -> nn.Module:
     return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
 
 
-def _init_linear(lin: nn.Linear, std: float) -> None:
-    nn.init.normal_(lin.weight, mean=0.0, std=std)
-    if lin.bias is not None:
-        nn.init.zeros_(lin.bias)
-
-
 def _position_tables(
     cfg: GPTConfig, device: torch.device | str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,39 +142,36 @@ def _position_tables(
 class Attention(nn.Module):
     """Causal grouped-query self-attention with RoPE (or none); biases only with cfg.bias."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer_id: int = 0) -> None:
         super().__init__()
+        self.layer_id = layer_id  # which cache an attention backend reads and writes
         self.head_dim = cfg.head_dim
         self.dropout = cfg.dropout
-        self.rotary = apply_rotary if cfg.position == "rope" else _no_rotary
+        self.rotary = apply_rotary_rolled if cfg.position == "rope" else _no_rotary
         self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        for lin in (self.wq, self.wk, self.wv):
-            _init_linear(lin, std)
-        _init_linear(self.wo, out_std)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Attend = causal_attention,
+    ) -> torch.Tensor:
+        """x (B, T, C) -> (B, T, C); cos and sin (B or 1, 1, T, D) at the tokens' positions,
+        sin with its first half negated (``rope.rotation_sin``)."""
         B, T, _ = x.shape
         # -1 for the head count: under tensor parallelism each rank holds a slice of heads.
+        # wq, wk, wv see the same x one after another (a fused swap relies on it).
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = self.rotary(q, k, cos, sin)
-        # enable_gqa maps query head h to kv head h // (H // Hkv), as HF repeat_kv does.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=True,
-            enable_gqa=q.shape[1] != k.shape[1],
-        )  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, H * D)
+        dropout_p = self.dropout if self.training else 0.0
+        y = attend(self.layer_id, q, k, v, dropout_p)  # (B, T, H * D)
         return self.resid_dropout(self.wo(y))
 
 
@@ -186,15 +183,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
+        self.act = nn.SiLU()  # a module: serving swaps in a batch-invariant one
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        _init_linear(self.w1, std)
-        _init_linear(self.w3, std)
-        _init_linear(self.w2, out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # (B, T, C)
+        # w1 then w3 on the same x (a fused swap relies on it).
+        return self.resid_dropout(self.w2(self.act(self.w1(x)) * self.w3(x)))  # (B, T, C)
 
 
 class GeluFeedForward(nn.Module):
@@ -204,34 +198,32 @@ class GeluFeedForward(nn.Module):
         super().__init__()
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_hidden, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.d_model, bias=cfg.bias)
+        self.act = nn.GELU(approximate="tanh")
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        _init_linear(self.w1, std)
-        _init_linear(self.w2, out_std)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.resid_dropout(self.w2(F.gelu(self.w1(x), approximate="tanh")))  # (B, T, C)
+        return self.resid_dropout(self.w2(self.act(self.w1(x))))  # (B, T, C)
 
 
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then h + ffn(norm(h))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer_id: int = 0) -> None:
         super().__init__()
         self.attention_norm = _norm(cfg)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, layer_id)
         self.ffn_norm = _norm(cfg)
         self.feed_forward = FeedForward(cfg) if cfg.mlp == "swiglu" else GeluFeedForward(cfg)
 
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.reset_parameters()
-        self.attention.init_weights(std, out_std)
-        self.ffn_norm.reset_parameters()
-        self.feed_forward.init_weights(std, out_std)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attend: Attend = causal_attention,
+    ) -> torch.Tensor:
+        # attend by keyword: a tensor-parallel plan prepares the positional (x, cos, sin).
+        h = x + self.attention(self.attention_norm(x), cos, sin, attend=attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -252,55 +244,82 @@ class GPT(nn.Module):
                 nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.position == "learned" else None
             )
             self.dropout = nn.Dropout(cfg.dropout)
-            self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+            self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layer)})
             self.norm = _norm(cfg)
             self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-            # Non-persistent: recomputed by init_weights, never stored in checkpoints.
+            if cfg.tie_embeddings:
+                self.output.weight = self.tok_embeddings.weight  # one Parameter, two users
+            # Non-persistent: computed by their init rules, never stored in checkpoints.
             cos, sin = _position_tables(cfg)
             self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, D)
             self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, D)
-        materialize(self)
+        # Built on meta: nothing allocated, no random numbers drawn. build_model (or
+        # baobab.parallel after sharding) allocates and fills it by init_rules().
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and the RoPE tables from the global RNG."""
+    def init_rules(self) -> dict[str, InitFn]:
+        """How every tensor starts, by name (see baobab.models.common.init): GPT-2's
+        N(0, 0.02), the residual projections (wo, w2) scaled by 1/sqrt(2 n_layer), norms at
+        one, biases at zero, RoPE tables computed. A tied head is its embedding."""
         cfg = self.cfg
-        cos, sin = _position_tables(cfg, self.rope_cos.device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
         std, out_std = 0.02, 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2 residual scaling
-        if self.tok_embeddings is not None:
-            nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
-        if self.pos_embeddings is not None:
-            nn.init.normal_(self.pos_embeddings.weight, mean=0.0, std=std)
-        for layer in self.layers.values():
-            layer.init_weights(std, out_std)
-        if self.norm is not None:
-            self.norm.reset_parameters()
-        if self.output is not None:
-            if cfg.tie_embeddings and self.tok_embeddings is not None:
-                # Re-tie on every call: Module.to_empty() replaces the shared Parameter.
-                self.output.weight = self.tok_embeddings.weight
-            else:
-                nn.init.normal_(self.output.weight, mean=0.0, std=std)
+        return {
+            "tok_embeddings.weight": normal(std),
+            "pos_embeddings.weight": normal(std),
+            "layers.*.attention.wo.weight": normal(out_std),
+            "layers.*.feed_forward.w2.weight": normal(out_std),
+            "layers.*.w?.weight": normal(std),  # wq, wk, wv; w1, w3
+            "*norm.weight": ones,
+            "*.bias": zeros,
+            "output.weight": normal(std),
+            "rope_cos": computed(lambda device: _position_tables(cfg, device)[0]),
+            "rope_sin": computed(lambda device: _position_tables(cfg, device)[1]),
+        }
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attend: Attend = causal_attention,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) float32 of tokens ``idx`` (B, T) at ``positions`` (B or 1, T)
+        (default 0..T-1), attending through ``attend`` (default: causal over idx alone)."""
+        return self.logits(self.hidden_states(idx, positions, attend))
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        attend: Attend = causal_attention,
+    ) -> torch.Tensor:
+        """The residual stream (B, T, C) after the last block, before the final norm.
+
+        Explicit ``positions`` are the caller's to keep below max_seq_len (checking them
+        would cost a host synchronisation per step); a too-long default is refused.
+        """
         seq_len = idx.shape[1]  # T
-        if seq_len > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence length {seq_len} exceeds GPTConfig.max_seq_len={self.cfg.max_seq_len}; "
-                "use at most max_seq_len tokens."
-            )
+        if positions is None:
+            if seq_len > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence length {seq_len} exceeds GPTConfig.max_seq_len="
+                    f"{self.cfg.max_seq_len}; use at most max_seq_len tokens."
+                )
+            positions = torch.arange(seq_len, device=idx.device)[None]  # (1, T)
         h = self.tok_embeddings(idx) if self.tok_embeddings is not None else idx  # (B, T, C)
         if self.pos_embeddings is not None and self.tok_embeddings is not None:
             # A module call, not a weight slice, so a tensor-parallel plan can lay the
             # lookup out like the residual stream (its sequence slice under SP).
-            positions = torch.arange(seq_len, device=idx.device)[None]  # (1, T)
-            h = h + self.pos_embeddings(positions)  # (1, T, C) broadcast over B
+            h = h + self.pos_embeddings(positions)  # (B or 1, T, C), broadcast over B
         h = self.dropout(h)
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]  # (T, D)
+        # Each token's own row of the tables: (B or 1, 1, T, D), broadcast over heads.
+        cos = self.rope_cos[positions][:, None]
+        sin = rotation_sin(self.rope_sin[positions][:, None])
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, cos, sin, attend=attend)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: (..., C) -> (..., V) float32; h itself on a stage without
+        them (pipeline split)."""
         if self.norm is not None:
             h = self.norm(h)
-        return self.output(h).float() if self.output is not None else h  # (B, T, V)
+        return self.output(h).float() if self.output is not None else h  # (..., V)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from baobab.models.common import check_fraction, check_positive
+from baobab.models.common.init import InitFn, fill, kaiming_uniform, zeros
 
 _ADAPTER_NAMES = ("lora_A", "lora_B")
 
@@ -59,8 +60,10 @@ class LoRALinear(nn.Module):
     """y = x W^T + b + dropout(x) A^T B^T * alpha/rank, with W and b frozen.
 
     Built from an ``nn.Linear`` whose ``weight``/``bias`` Parameters it takes over (same
-    objects, same names); ``lora_A`` (R, I) starts kaiming-uniform and ``lora_B`` (O, R)
-    at zero, so a fresh adapter leaves the output bit-identical to the base layer.
+    objects, same names); by ``init_rules`` ``lora_A`` (R, I) starts kaiming-uniform and
+    ``lora_B`` (O, R) at zero, so a fresh adapter leaves the output bit-identical to the
+    base layer. The adapters are created empty, on the base weight's device (meta too):
+    ``apply_lora`` or the model's materialiser fills them, seeded by their names.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
@@ -75,9 +78,13 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))  # (R, I)
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, **factory))  # (O, R)
-        nn.init.kaiming_uniform_(self.lora_A, a=5**0.5)  # nn.Linear's own weight init
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))  # (O, R)
         self.dropout = nn.Dropout(dropout)
+
+    def init_rules(self) -> dict[str, InitFn]:
+        """The adapters' starts (nn.Linear's weight init for A, zero for B); the frozen
+        base ``weight``/``bias`` keep the rules of the model they came from."""
+        return {"lora_A": kaiming_uniform(5**0.5), "lora_B": zeros}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = F.linear(x, self.weight, self.bias)  # (N, O), exactly nn.Linear's forward
@@ -111,11 +118,13 @@ def _matches(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Swap every ``nn.Linear`` whose name ends with a target for a ``LoRALinear``, in place.
 
-    Every other parameter is frozen (requires_grad False), so only adapters train.
-    Returns ``model``.
+    Every other parameter is frozen (requires_grad False), so only adapters train. On an
+    allocated model the adapters are initialised now, each from a generator seeded by
+    ``(seed, its name)``; on a meta model they are left to the model's materialiser (which
+    uses the same rules and seeding). Returns ``model``.
     """
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     chosen: dict[str, nn.Linear] = {}
@@ -142,6 +151,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     model.requires_grad_(False)
     for name, linear in chosen.items():
         _swap(model, name, LoRALinear(linear, cfg.rank, cfg.alpha, cfg.dropout))
+    adapters = {f"{n}.{attr}" for n in chosen for attr in _ADAPTER_NAMES}
+    if not any(p.is_meta for p in lora_parameters(model)):
+        fill(model, seed, only=adapters.__contains__)
     return model
 
 

@@ -6,12 +6,14 @@ bias-free projection d_hidden -> d_embed is inserted so the shapes match.
 Shape legend: B batch, T sequence length, E d_embed, Hd d_hidden, V vocab_size.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from baobab.models.common import check_fraction, check_positive, materialize
+from baobab.models.common import check_fraction, check_positive
+from baobab.models.common.init import InitFn, linear_default, uniform, zeros
 
 
 @dataclass(frozen=True)
@@ -65,21 +67,22 @@ class LSTMLM(nn.Module):
             self.proj = nn.Linear(cfg.d_hidden, cfg.d_embed, bias=False) if needs_proj else None
             head_in = cfg.d_embed if cfg.tie_embeddings else cfg.d_hidden
             self.output = nn.Linear(head_in, cfg.vocab_size)
-        materialize(self)
+            if cfg.tie_embeddings:
+                self.output.weight = self.embedding.weight  # one Parameter, two users
+        # Built on meta; build_model allocates it and fills it by init_rules().
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter from the global RNG (Zaremba et al. style)."""
-        nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
-        self.lstm.reset_parameters()  # U(-1/sqrt(Hd), 1/sqrt(Hd))
-        if self.proj is not None:
-            self.proj.reset_parameters()
-        if self.cfg.tie_embeddings:
-            # Re-tie on every call: Module.to_empty() replaces the shared Parameter.
-            self.output.weight = self.embedding.weight
-        else:
-            nn.init.uniform_(self.output.weight, -0.1, 0.1)
-        nn.init.zeros_(self.output.bias)
+    def init_rules(self) -> dict[str, InitFn]:
+        """How every tensor starts, by name (see baobab.models.common.init), Zaremba et al.
+        style: embedding and head U(-0.1, 0.1), head bias zero, LSTM weights and biases
+        U(-1/sqrt(Hd), 1/sqrt(Hd)) as nn.LSTM does, the projection at nn.Linear's default."""
+        bound = 1 / math.sqrt(self.cfg.d_hidden)
+        return {
+            "embedding.weight": uniform(-0.1, 0.1),
+            "lstm.*": uniform(-bound, bound),
+            "proj.weight": linear_default(self.cfg.d_hidden)[0],
+            "output.weight": uniform(-0.1, 0.1),
+            "output.bias": zeros,
+        }
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         h = self.dropout(self.embedding(idx))  # (B, T, E)

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baobab.models.common import check_choice, check_positive, materialize
+from baobab.models.common import check_choice, check_positive
+from baobab.models.common.init import InitFn, linear_default
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -60,17 +61,18 @@ class MLP(nn.Module):
         with torch.device("meta"):
             for i in range(self.n_linear):
                 setattr(self, f"fc{i + 1}", nn.Linear(widths[i], widths[i + 1]))
-        materialize(self)
+        # Built on meta; build_model allocates it and fills it by init_rules().
 
     def _linears(self) -> list[nn.Linear]:
         return [getattr(self, f"fc{i + 1}") for i in range(self.n_linear)]
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise with nn.Linear's default, layer by layer: under the same seed the
-        default config matches ``nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1))``."""
-        for lin in self._linears():
-            lin.reset_parameters()
+    def init_rules(self) -> dict[str, InitFn]:
+        """How every tensor starts, by name (see baobab.models.common.init): each layer at
+        nn.Linear's default distributions for its fan-in."""
+        rules: dict[str, InitFn] = {}
+        for i, lin in enumerate(self._linears()):
+            rules[f"fc{i + 1}.weight"], rules[f"fc{i + 1}.bias"] = linear_default(lin.in_features)
+        return rules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         *hidden, last = self._linears()

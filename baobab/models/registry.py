@@ -8,12 +8,13 @@ the built-in families and sizes explicitly.
 
 import dataclasses
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from baobab.models.common.init import materialize
 
 TASKS = ("causal_lm", "masked_lm", "classification", "regression")
 SEQUENCE_TASKS = ("causal_lm", "masked_lm")
@@ -28,7 +29,8 @@ class ModelFamily:
     config_cls: type
     """Frozen config dataclass; every field has a default."""
     model_cls: type[nn.Module]
-    """nn.Module built as ``model_cls(cfg)``, with ``.cfg`` and ``init_weights()``."""
+    """nn.Module built as ``model_cls(cfg)`` on the meta device, with ``.cfg`` and
+    ``init_rules()`` (name pattern -> init function, see ``baobab.models.common.init``)."""
     task: str
     """Objective the trainer uses: causal_lm, masked_lm, classification or regression."""
     example_input: Callable[[Any, int, int], torch.Tensor]
@@ -145,16 +147,28 @@ def task_of(cfg_or_name: Any) -> str:
 
 
 def build_model(
-    name_or_cfg: Any, device: torch.device | str | None = None, **overrides: Any
+    name_or_cfg: Any,
+    device: torch.device | str | None = None,
+    seed: int | None = None,
+    **overrides: Any,
 ) -> nn.Module:
-    """Build and initialise a model from a name or config; ``device="meta"`` allocates nothing.
+    """Build a model from a name or config; ``device="meta"`` allocates nothing and
+    initialises nothing (the start of every sharded or loaded model).
 
-    Weights depend only on the global RNG state (``torch.manual_seed`` first to reproduce).
+    Otherwise the model is allocated on ``device`` (default: the default device, which
+    honours ``with torch.device(...)``) and every tensor is filled by its family's init
+    rule from a generator seeded by ``(seed, its name)``: the weights depend on ``seed``
+    alone, and equal those of any parallel layout materialised with the same seed. With
+    ``seed=None`` the seed is drawn from the global RNG (``torch.manual_seed`` first to
+    reproduce).
     """
     cfg = _as_config(name_or_cfg, overrides)
-    family = family_of(cfg)
-    with torch.device(device) if device is not None else nullcontext():
-        return family.model_cls(cfg)
+    model = family_of(cfg).model_cls(cfg)  # on meta
+    if device is not None and torch.device(device).type == "meta":
+        return model
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, ()))
+    return materialize(model, seed, device)
 
 
 def count_params(model: nn.Module, exclude_embeddings: bool = False) -> int:

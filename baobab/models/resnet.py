@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from baobab.models.common import check_choice, check_positive, materialize
+from baobab.models.common import check_choice, check_positive
+from baobab.models.common.init import InitFn, kaiming_normal, linear_default, ones, zeros
 
 _STAGES = {
     18: ("basic", (2, 2, 2, 2)),
@@ -134,16 +135,23 @@ class ResNet(nn.Module):
                 setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.avgpool = nn.AdaptiveAvgPool2d(1)
             self.fc = nn.Linear(cin, cfg.num_classes)
-        materialize(self)
+        # Built on meta; build_model allocates it and fills it by init_rules().
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise parameters and BatchNorm statistics from the global RNG (torchvision)."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.Linear)):
-                m.reset_parameters()
+    def init_rules(self) -> dict[str, InitFn]:
+        """How every tensor starts, by name (see baobab.models.common.init), as torchvision
+        does: convs kaiming-normal (fan_out, relu), BatchNorm at one and zero with fresh
+        statistics, the classifier at nn.Linear's default."""
+        rules: dict[str, InitFn] = {}
+        for name, module in self.named_modules():
+            p = f"{name}." if name else ""
+            if isinstance(module, nn.Conv2d):
+                rules[p + "weight"] = kaiming_normal("fan_out", "relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                for attr, rule in (("weight", ones), ("bias", zeros), ("running_mean", zeros),
+                                   ("running_var", ones), ("num_batches_tracked", zeros)):  # fmt: skip
+                    rules[p + attr] = rule
+        rules["fc.weight"], rules["fc.bias"] = linear_default(self.fc.in_features)
+        return rules
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, w, H', W')

@@ -111,8 +111,10 @@ class OptimConfig:
     """Also apply weight decay to norm weights, biases and embeddings (default: only matrices)."""
 
     implementation: str = "auto"
-    """Kernel choice: auto (torch's default), foreach, fused or for-loop; for muon it applies to
-    the AdamW half. fused on an optimizer or device without fused kernels is refused."""
+    """Kernel choice: auto (torch's default; fused on CUDA where torch has a fused kernel, so
+    the trainer skips a bad step with no host synchronisation), foreach, fused or for-loop; for
+    muon it applies to the AdamW half. fused on an optimizer or device without fused kernels is
+    refused."""
 
     def __post_init__(self) -> None:
         if self.name not in OPTIMIZER_NAMES:

@@ -2,12 +2,14 @@
 
 ``parallelize(model, mesh, cfg)`` runs pipeline split -> tensor parallel -> (activation
 checkpointing, compile) -> FSDP2/DDP, in that order, with torch's own engines (DeviceMesh,
-DTensor, FSDP2, DDP, torch.distributed.pipelining).
+DTensor, FSDP2, DDP, torch.distributed.pipelining), on a meta-built model;
+``materialize_parallel`` then allocates and initialises each rank's shards.
 """
 
 from baobab.parallel.blocks import AC_MODES, BlockOptions, apply_block_options
 from baobab.parallel.clip import clip_grad_norm_parallel
 from baobab.parallel.config import ParallelConfig
+from baobab.parallel.materialize import copy_shard, materialize_parallel
 from baobab.parallel.mesh import build_mesh, dp_mesh, dp_rank_and_size, pp_group
 from baobab.parallel.parallelize import ParallelModel, parallelize
 from baobab.parallel.pipeline import build_schedule, split_for_pipeline
@@ -23,8 +25,10 @@ __all__ = [
     "build_mesh",
     "build_schedule",
     "clip_grad_norm_parallel",
+    "copy_shard",
     "dp_mesh",
     "dp_rank_and_size",
+    "materialize_parallel",
     "parallelize",
     "pp_group",
     "split_for_pipeline",

@@ -1,7 +1,11 @@
-"""``parallelize(model, mesh, cfg)``: apply every parallelism to a finished model, in order.
+"""``parallelize(model, mesh, cfg)``: apply every parallelism to a model, in order.
 
-The input is the full single-device model, initialised under a seed; all ranks start from
-identical weights, so a parallel run starts where the single-process run starts.
+At scale the input is a model built on the meta device (``build_model(..., device="meta")``):
+parallelize lays out its meta parameters (pipeline stages, DTensors), and
+``baobab.parallel.materialize_parallel`` then allocates each rank's shards and initialises
+them from the single-process init, one full parameter at a time, so no rank ever holds
+the whole model. An allocated model (identical on every rank) is accepted too: its parts
+are moved to the mesh's device and sharded from its values.
 """
 
 from __future__ import annotations
@@ -137,9 +141,11 @@ def parallelize(
     ``param_dtype`` (e.g. bf16) is FSDP's mixed precision: the sharded fp32 parameters stay
     the optimizer's master weights, forward and backward run on ``param_dtype`` copies and
     gradients are reduced in fp32; it needs FSDP (``dp_shard`` > 1).
-    Parts end up on the mesh's device (the current CUDA device for a "cuda" mesh), moved
-    there after the pipeline split. With nothing parallel, the model is returned untouched
-    as ``parts=[model]`` (``mesh`` may then be None).
+    A meta model stays on meta: call ``materialize_parallel(pm.parts, seed, device)``
+    before the first step. An allocated model's parts end up on the mesh's device (the
+    current CUDA device for a "cuda" mesh), moved there after the pipeline split. With
+    nothing parallel, the model is returned untouched as ``parts=[model]`` (``mesh`` may
+    then be None).
     """
     world_size = mesh.size() if mesh is not None else 1
     cfg = cfg.validate(world_size, model.cfg)
@@ -183,8 +189,10 @@ def parallelize(
         stages = [(0, model)]
     family = model_family(model.cfg)
     device = _mesh_device(mesh)
+    on_meta = any(p.is_meta for p in model.parameters())
     for index, part in stages:
-        part.to(device)  # after the split: a GPU never holds the stages of other ranks
+        if not on_meta:
+            part.to(device)  # after the split: a GPU never holds the stages of other ranks
         if cfg.tp > 1:
             _apply_tp(part, family, mesh["tp"], cfg, index == 0, index == n_stages - 1)
         apply_block_options(part, blocks or BlockOptions())

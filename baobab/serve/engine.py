@@ -5,8 +5,8 @@ how many tokens each request advances, the runner computes them in one batched f
 returns the logits of the requests that sample, and the update samples, detokenizes,
 checks stop conditions and frees the KV cache of finished requests.
 
-The engine is single-threaded; :class:`~baobab.serve.async_engine.AsyncEngine` drives it
-from a background thread.
+The engine is single-threaded; :class:`~baobab.serve.engine_core.EngineCore` drives it one
+round at a time, on a thread (``async_engine.py``) or in a process (``engine_process.py``).
 """
 
 from __future__ import annotations

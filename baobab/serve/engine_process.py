@@ -1,21 +1,20 @@
-"""The engine in its own process (vLLM V1's "engine core"), behind AsyncEngine's API.
+"""The engine core in its own process (vLLM V1's "engine core"), behind EngineClient's API.
 
 In one process the engine thread and the asyncio loop share one GIL: every SSE event the
 loop writes delays the next engine step, and at concurrency 16 that costs about a third of
 the throughput. Here a spawned child process loads the export and runs
-``schedule() -> execute() -> update()``; the HTTP process keeps the event loop, the
-streams and a reader thread that hands each step's outputs to the loop with
-``call_soon_threadsafe`` (one call per loop per step).
+:class:`~baobab.serve.engine_core.EngineCore` rounds (the same rounds as the in-process
+thread); the HTTP process keeps the event loop, the streams and a reader thread that hands
+each round's output to ``EngineClient._receive``.
 
-Messages on one duplex pipe. Parent to child: ``("add", id, prompt_ids, params)``,
-``("abort", id)``, ``("stop",)``. Child to parent: ``("ready", context_length,
-vocab_size, stats)`` once, then one ``("step", outputs, failed, stats, busy, adds_seen)``
-per round, or ``("dead", message)`` when the engine raised (the child then exits).
+One duplex pipe carries the typed messages of ``messages.py``. Parent to child:
+AddRequests, Abort, Shutdown. Child to parent: Ready once, then one RoundOutput per round,
+or Failed when the engine could not be loaded or raised (the child then exits).
 
-Lifetime: the child ignores SIGINT/SIGTERM (the parent drains, then sends "stop") and exits
-when the pipe closes, so a parent that dies any way takes the child with it; the parent
-joins the child on shutdown and kills it at interpreter exit if it is still there. Spawn,
-not fork: forking a process whose torch (OpenMP) threads have started is unsafe.
+Lifetime: the child ignores SIGINT/SIGTERM (the parent drains, then sends Shutdown) and
+exits when the pipe closes, so a parent that dies any way takes the child with it; the
+parent joins the child on shutdown and kills it at interpreter exit if it is still there.
+Spawn, not fork: forking a process whose torch (OpenMP) threads have started is unsafe.
 """
 
 from __future__ import annotations
@@ -34,17 +33,18 @@ from pathlib import Path
 import torch
 
 from baobab.data.tokenizer import Tokenizer
-from baobab.serve.async_engine import EngineClient
+from baobab.serve.client import EngineClient
 from baobab.serve.config import EngineConfig
-from baobab.serve.engine import check_request
-from baobab.serve.types import QueueFullError, RequestOutput, SamplingParams
+from baobab.serve.engine_core import EngineCore
+from baobab.serve.loader import load_engine, weight_bytes
+from baobab.serve.messages import Failed, FromCore, Ready, RoundOutput, ToCore
 
 logger = logging.getLogger(__name__)
 _LOAD_TIMEOUT_S = 600.0
 
 
 class ProcessEngine(EngineClient):
-    """:class:`~baobab.serve.async_engine.AsyncEngine`'s API over an engine process.
+    """:class:`~baobab.serve.client.EngineClient` over an engine process.
 
     The constructor spawns the process and waits until the model is loaded (it raises
     RuntimeError with the child's message if loading fails); ``start()`` starts the thread
@@ -54,7 +54,6 @@ class ProcessEngine(EngineClient):
     def __init__(
         self, export_dir: Path, config: EngineConfig, model_name: str, tokenizer: Tokenizer
     ) -> None:
-        self.config = config
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
         self._process = ctx.Process(
@@ -66,17 +65,13 @@ class ProcessEngine(EngineClient):
         self._process.start()
         child_conn.close()  # the child's end lives in the child only: its exit closes the pipe
         _reap_at_exit(self)
-        _, context_length, self._vocab_size, stats = self._recv_ready()
-        super().__init__(
-            model_name, tokenizer, context_length, config.max_num_seqs, config.max_queue, stats
-        )
+        super().__init__(model_name, tokenizer, config, self._recv_ready())
         # Sends hold only _send_lock, never _lock, which the reader needs: a send blocked on
         # a full pipe (the child busy sending to us) must not stop the reader draining it.
         self._send_lock = threading.Lock()
-        self._stopping = False
         self._reader: threading.Thread | None = None
 
-    def _recv_ready(self) -> tuple:
+    def _recv_ready(self) -> Ready:
         waited = 0.0
         while not self._conn.poll(0.1):
             waited += 0.1
@@ -86,15 +81,14 @@ class ProcessEngine(EngineClient):
                     f"the engine process exited while loading (exit code {self._process.exitcode})"
                 )
         try:
-            message = self._conn.recv()
+            message: FromCore = self._conn.recv()
         except (EOFError, OSError):
-            message = ("dead", "the engine process exited while loading")
-        if message[0] != "ready":
+            message = Failed("the engine process exited while loading")
+        if not isinstance(message, Ready):
             self._kill()
-            raise RuntimeError(message[1])
+            raise RuntimeError(getattr(message, "message", repr(message)))
         return message
 
-    # ------------------------------------------------------------------ the public API
     def start(self) -> None:
         """Start the thread that delivers outputs (idempotent)."""
         with self._lock:
@@ -104,59 +98,37 @@ class ProcessEngine(EngineClient):
                 )
                 self._reader.start()
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request from any thread (see ``AsyncEngine.abort``)."""
-        self._send(("abort", request_id))
+    # ------------------------------------------------------------------ the transport
+    def _post(self, message: ToCore) -> None:
+        # OSError: the child is gone, and the reader reports it.
+        with self._send_lock, contextlib.suppress(OSError):
+            self._conn.send(message)
 
-    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        check_request(prompt_ids, params, self.context_length, self._vocab_size)
-
-    def _submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        self._send(("add", request_id, prompt_ids, params))
-
-    async def shutdown(self, timeout: float) -> None:
-        """Refuse new requests, let running ones finish for up to ``timeout`` seconds, abort
-        the rest, and stop the engine process."""
-        self._accepting = False
-        await self._drain(timeout)
-        self.start()  # a never-started engine's outputs (aborts) are still delivered
-        self._stopping = True
-        self._send(("stop",))
+    async def _stopped(self) -> None:
         while self._reader.is_alive():
             await asyncio.sleep(0.01)
         await asyncio.to_thread(self._process.join, 10)
         self._kill()
 
-    # ------------------------------------------------------------------ the reader thread
-    def _send(self, message: tuple) -> None:
-        # OSError: the child is gone, and the reader reports it.
-        with self._send_lock, contextlib.suppress(OSError):
-            self._conn.send(message)
-
     def _read(self) -> None:
         while True:
             try:
-                message = self._conn.recv()
+                message: FromCore = self._conn.recv()
             except (EOFError, OSError):
                 if not self._stopping:
                     code = self._process.exitcode
                     self._fail(f"the engine process exited unexpectedly (exit code {code})")
                 return
-            if message[0] == "dead":
-                self._fail(message[1])
+            if isinstance(message, RoundOutput):
+                self._receive(message)
+            else:
+                self._fail(getattr(message, "message", repr(message)))
                 return
-            _, outputs, failed, stats, busy, adds_seen = message
-            self._acknowledge(stats, busy, adds_seen)
-            self._deliver(outputs, [(rid, _rebuild(kind, text)) for rid, kind, text in failed])
 
     def _kill(self) -> None:
         if self._process.is_alive():
             self._process.kill()
         self._process.join(timeout=10)
-
-
-def _rebuild(kind: str, text: str) -> BaseException:
-    return QueueFullError(text) if kind == "QueueFullError" else ValueError(text)
 
 
 def _reap_at_exit(engine: ProcessEngine) -> None:
@@ -173,58 +145,30 @@ def _reap_at_exit(engine: ProcessEngine) -> None:
 
 # ---------------------------------------------------------------------- the engine process
 def _child_main(conn: Connection, export_dir: str, config: EngineConfig) -> None:
-    # The parent drains on SIGINT/SIGTERM and then says "stop"; a signal to the whole
+    # The parent drains on SIGINT/SIGTERM and then sends Shutdown; a signal to the whole
     # process group (Ctrl-C) must not kill the engine under the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        from baobab.serve.loader import load_engine, weight_bytes
-
         if torch.device(config.device).type == "cpu":
             torch.set_num_threads(config.num_threads(weight_bytes(Path(export_dir))))
-        engine = load_engine(Path(export_dir), config)
+        core = EngineCore(load_engine(Path(export_dir), config))
     except Exception as err:
-        conn.send(("dead", f"the model could not be loaded: {err}"))
+        conn.send(Failed(f"the model could not be loaded: {err}"))
         return
-    conn.send(("ready", engine.context_length, engine.vocab_size, engine.stats()))
+    conn.send(core.ready())
     try:
-        with torch.inference_mode():
-            _serve(conn, engine)
+        core.run(lambda block: _receive(conn, block), conn.send)
     except (EOFError, BrokenPipeError, ConnectionResetError):  # the parent is gone
         return
     except BaseException as err:
         logger.exception("the engine stopped")
-        conn.send(("dead", repr(err)))
+        conn.send(Failed(repr(err)))
 
 
-def _serve(conn: Connection, engine) -> None:
-    """Rounds of: take every message, step once, send the outputs; until "stop"."""
-    adds_seen = 0
-    while True:
-        # Idle: block for the next message; busy: take what has arrived and step.
-        messages = [] if engine.has_unfinished() else [conn.recv()]
-        while conn.poll():
-            messages.append(conn.recv())
-        outputs: list[RequestOutput] = []
-        failed: list[tuple[str, str, str]] = []
-        stop = False
-        for message in messages:
-            if message[0] == "add":
-                adds_seen += 1
-                try:
-                    engine.add_request(*message[1:])
-                except (ValueError, QueueFullError) as err:  # raced past the parent's checks
-                    failed.append((message[1], type(err).__name__, str(err)))
-            elif message[0] == "abort":
-                out = engine.abort(message[1])
-                if out is not None:
-                    outputs.append(out)
-            else:
-                stop = True
-        if stop:
-            outputs += [engine.abort(rid) for rid in engine.request_ids]
-        elif engine.has_unfinished():
-            outputs += engine.step()
-        conn.send(("step", outputs, failed, engine.stats(), engine.has_unfinished(), adds_seen))
-        if stop:
-            return
+def _receive(conn: Connection, block: bool) -> list[ToCore]:
+    """Every message that has arrived; ``block``: wait for the first."""
+    messages = [conn.recv()] if block else []
+    while conn.poll():
+        messages.append(conn.recv())
+    return messages

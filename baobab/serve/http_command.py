@@ -134,7 +134,7 @@ def serve(
     config = engine if max_queue is None else dataclasses.replace(engine, max_queue=max_queue)
 
     def load():
-        from baobab.serve.loader import load_served_model
+        from baobab.serve.launch import load_served_model
 
         return load_served_model(str(Path(export_dir)), config)
 

@@ -64,9 +64,9 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store rows ``k``, ``v`` (M, Hkv, D) at cache ``positions`` (M,)."""
-        self.k[layer].index_copy_(1, positions, k.transpose(0, 1))
-        self.v[layer].index_copy_(1, positions, v.transpose(0, 1))
+        """Store ``k``, ``v`` (Hkv, M, D) of M tokens at cache ``positions`` (M,)."""
+        self.k[layer].index_copy_(1, positions, k)
+        self.v[layer].index_copy_(1, positions, v)
 
     def view(self, layer: int, base: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at positions base..base+length-1: (1, Hkv, length, D) views."""

@@ -1,15 +1,18 @@
-"""The model runner: one batched forward of a GPT over every scheduled token, with a KV cache.
+"""The model runner: one forward of a GPT over every scheduled token, with a paged KV cache.
 
 Shape legend: M rows (scheduled tokens, padded), C d_model, H heads, Hkv kv heads,
 D head_dim, V vocab_size, L keys a query attends to.
 
-Every scheduled token of the step is one row of a packed (M, C) batch: decodes and prefill
-chunks of all requests go through each linear layer together. Attention is the one
-per-request part: each request attends to its own run of cache positions, with
-``scaled_dot_product_attention`` over exactly its own length (no padding).
+The block math is the model's own (``baobab.models.gpt``). The runner's job is what is
+left: pack the step's scheduled tokens, decodes and prefill chunks of all requests, into
+one sequence of M rows (each with its own position) that goes through every linear
+together; supply the attention backend (:class:`_PagedAttention`: the cache writes, and
+each request attending to its own run of cache positions); compute the head only for the
+rows whose logits are wanted; and keep a row's bits independent of its batch mates.
 
 Batch invariance (greedy output under load equals one-at-a-time output, bit for bit):
-a row's result must not depend on its batch mates. What was found on CPU (torch 2.13, MKL):
+a row's result must not depend on its batch mates. What was found on CPU (torch 2.13, MKL),
+and the module swaps (DESIGN principle 3) the runner applies to the model for it:
 
 * ``F.linear`` is not row-invariant: M=1 runs a GEMV, and MKL's GEMM treats rows in
   blocks of 4 with a different kernel for the leftover rows, so a row's bits depend on M.
@@ -18,14 +21,15 @@ a row's result must not depend on its batch mates. What was found on CPU (torch 
 
   - oneDNN with the weight reordered once (``mkldnn._reorder_linear_weight``): the same
     bits for every M, at GEMV speed for M=1, but ~40 us of fixed cost per call. Large
-    float32 ``nn.Linear`` modules are swapped for :class:`PackedLinear` (a module swap,
-    DESIGN principle 3): batch-1 decode of a big model stays memory-bound.
+    float32 ``nn.Linear`` modules are swapped for :class:`PackedLinear`: batch-1 decode
+    of a big model stays memory-bound.
   - MKL with rows padded to a multiple of 4, so every row goes through its 4-row kernel:
     used for the small linears (call overhead matters more than bandwidth there) and for
     whatever cannot be packed (int8/int4 weight-only modules, bfloat16, GPU).
 * SiLU/GELU kernels compute a vector-width tail with a scalar formula that differs in the
-  last bit, and where the tail falls depends on M; they are composed from ``exp``/``tanh``
-  (MKL VML: position-independent) and exact IEEE ops instead.
+  last bit, and where the tail falls depends on M; the model's activation modules are
+  swapped for :class:`ComposedSiLU` / :class:`ComposedGELU`, built from ``exp``/``tanh``
+  (MKL VML: position-independent) and exact IEEE ops.
 * Attention of prefill chunks runs per request (batched SDPA's bits depend on the batch
   size once torch uses 2+ threads, and padding keys to a common length changes every
   reduction), and a chunk's result depends on its bounds, so chunks start at fixed
@@ -42,9 +46,16 @@ a row's result must not depend on its batch mates. What was found on CPU (torch 
   more than the per-call overhead it saves, and the decode reads its cache view in place
   with its own SDPA call, like a prefill chunk. The choice depends on the request's own
   length only.
-* Linears over the same input (wq/wk/wv, w1/w3) run as one fused linear, packed or not:
-  fewer calls; the fused weight is fixed, so a row's bits still depend on nothing but the
-  row.
+* Linears over the same input (wq/wk/wv, w1/w3) are swapped for parts of one fused linear
+  (:class:`FusedLinears`), packed or not: one call instead of three (two); the fused
+  weight is fixed, so a row's bits still depend on nothing but the row.
+* Dropout modules (identity at inference, but ~5 us a call) are swapped for
+  :class:`NoDropout`.
+
+The runner's own modules (packed linears, fused parts, composed activations, NoDropout)
+are inference-only and called dozens of times a step, so they set ``__call__ = forward``:
+no hooks, and ~1-2 us less per call than ``nn.Module.__call__`` (measured: the block
+structure of the shared forward otherwise costs gpt-mini ~5% of a decode step).
 
 ``tests/serve/test_kv_cache_runner.py`` checks this bit for bit.
 """
@@ -63,8 +74,6 @@ from baobab.export.quantize import QUANTIZED_LINEARS
 from baobab.models.gpt import GPT
 from baobab.serve.kv_cache import KVCache
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
 
 class PackedLinear(nn.Module):
     """``nn.Linear`` whose float32 weight is reordered once for oneDNN (CPU only).
@@ -82,6 +91,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+    __call__ = forward  # inference only: no hooks, no nn.Module call machinery (~1 us)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
@@ -116,31 +127,73 @@ def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, *QUANTIZED_LINEARS))
 
 
-class _FusedPart(nn.Module):
-    """Output features ``start:stop`` of a fused :class:`PackedLinear`: what stands in for an
-    original linear after packing, so the model's own forward still works (computing the
-    whole fused linear for each part; the runner calls the fused one once)."""
+class FusedLinears(nn.Module):
+    """Linears over one input as one: ``linear`` (or its packed swap) computes their outputs
+    side by side, and :class:`_FusedPart` modules stand in for the originals.
 
-    def __init__(self, fused: PackedLinear, start: int, stop: int) -> None:
+    The model calls the parts one after another on the same input (``wq(x)``, ``wk(x)``,
+    ``wv(x)``): the first part computes the fused output, the others take their slice of
+    it. A part called on another tensor recomputes, so the result is always the fused
+    linear of the part's own input; only the saving depends on the call order.
+    """
+
+    def __init__(self, linears: Sequence[nn.Linear]) -> None:
         super().__init__()
-        self._fused = [fused]  # a list: not registered as a submodule (not packed twice)
-        self.start, self.stop = start, stop
+        first = linears[0]
+        weight = torch.cat([m.weight.detach() for m in linears])  # (sum out, in)
+        bias = None if first.bias is None else torch.cat([m.bias.detach() for m in linears])
+        fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
+        fused.weight = nn.Parameter(weight, requires_grad=False)
+        fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.linear: nn.Module = fused
+        self.sizes = [m.out_features for m in linears]
+        self._memo = _Memo()  # a plain object: nn.Module.__setattr__ costs ~8 us a call
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Output ``index`` of the fused linear on ``x`` (..., in) -> (..., sizes[index])."""
+        memo = self._memo
+        if x is not memo.input:
+            memo.input, memo.unread = x, len(self.sizes)
+            memo.outputs = self.linear(x).split(self.sizes, -1)
+        out = memo.outputs[index]
+        memo.unread -= 1
+        if not memo.unread:  # every part has read: hold no activations between steps
+            memo.input, memo.outputs = None, ()
+        return out
+
+
+class _Memo:
+    """The last input of a :class:`FusedLinears`, its outputs, and how many parts have
+    not read them yet."""
+
+    __slots__ = ("input", "outputs", "unread")
+
+    def __init__(self) -> None:
+        self.input: torch.Tensor | None = None
+        self.outputs: tuple[torch.Tensor, ...] = ()
+        self.unread = 0
+
+
+class _FusedPart(nn.Module):
+    """Stands in for one of the linears of a :class:`FusedLinears` (each part registers the
+    shared module; ``named_modules`` lists it once, under the first part)."""
+
+    def __init__(self, fused: FusedLinears, index: int) -> None:
+        super().__init__()
+        self.fused, self.index = fused, index
+        self._part = fused.part  # a plain attribute: no nn.Module.__getattr__ per call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fused[0](x)[..., self.start : self.stop]
+        return self._part(x, self.index)
+
+    __call__ = forward  # five calls per block: skip nn.Module's call machinery (hooks)
 
 
-def _fuse(parent: nn.Module, names: list[str], pack: bool) -> nn.Module | None:
-    """One linear whose output is the outputs of ``parent``'s linears ``names`` side by
-    side, or None unless all are plain ``nn.Linear`` of one input size, all with or
-    without bias.
-
-    Unpacked (MKL path), the originals' weights become views of the fused weight: no extra
-    memory, and the model's own forward still works. With ``pack`` and a fused weight big
-    enough, the result is a :class:`PackedLinear` and the originals become
-    :class:`_FusedPart` slices of it.
-    """
-    linears = [getattr(parent, name) for name in names]
+def fuse_linears(parent: nn.Module, names: Sequence[str]) -> bool:
+    """Swap ``parent``'s linears ``names`` for parts of one :class:`FusedLinears`; False
+    (nothing swapped) unless all are plain ``nn.Linear`` of one input size, all with or
+    without bias (a quantized or LoRA linear stays as it is)."""
+    linears = [getattr(parent, name, None) for name in names]
     first = linears[0]
     if not all(
         type(m) is nn.Linear
@@ -148,24 +201,84 @@ def _fuse(parent: nn.Module, names: list[str], pack: bool) -> nn.Module | None:
         and (m.bias is None) == (first.bias is None)
         for m in linears
     ):
-        return None
-    weight = torch.cat([m.weight.detach() for m in linears])  # (sum out, in)
-    bias = None if first.bias is None else torch.cat([m.bias.detach() for m in linears])
-    fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-    packed = PackedLinear(fused) if pack and can_pack(fused, PACK_MIN_NUMEL) else None
-    row = 0
-    for name, m in zip(names, linears):
-        n = m.out_features
-        if packed is not None:
-            setattr(parent, name, _FusedPart(packed, row, row + n))
-        else:
-            m.weight = nn.Parameter(weight[row : row + n], requires_grad=False)
-            if bias is not None:
-                m.bias = nn.Parameter(bias[row : row + n], requires_grad=False)
-        row += n
-    return packed if packed is not None else fused
+        return False
+    fused = FusedLinears(linears)
+    for index, name in enumerate(names):
+        setattr(parent, name, _FusedPart(fused, index))
+    return True
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+class ComposedSiLU(nn.Module):
+    """``silu(x) = x / (1 + exp(-x))`` in float32 from ``exp`` and exact IEEE ops: an
+    element's bits do not depend on where it falls in a vector (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = x if x.dtype == torch.float32 else x.float()  # no no-op dispatches
+        y = a / (1.0 + torch.exp(-a))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    __call__ = forward
+
+
+class ComposedGELU(nn.Module):
+    """GELU, tanh approximation, composed like :class:`ComposedSiLU`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x if x.dtype == torch.float32 else x.float()
+        inner = _SQRT_2_OVER_PI * (u + 0.044715 * (u * u * u))
+        y = 0.5 * u * (1.0 + torch.tanh(inner))
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    __call__ = forward
+
+
+class NoDropout(nn.Module):
+    """What replaces ``nn.Dropout`` at inference: its input, without a module call's cost."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    __call__ = forward
+
+
+def make_batch_invariant(model: GPT, pack_weights: bool) -> None:
+    """The runner's module swaps (module docstring), in place: fused wq/wk/wv and w1/w3,
+    composed activations, no dropout modules, then (``pack_weights``) large float32
+    linears packed for oneDNN. Fused before packing, so the fused weights are packed."""
+    for block in model.layers.values():
+        fuse_linears(block.attention, ["wq", "wk", "wv"])
+        ffn = block.feed_forward
+        if model.cfg.mlp == "swiglu":
+            fuse_linears(ffn, ["w1", "w3"])
+        ffn.act = ComposedSiLU() if model.cfg.mlp == "swiglu" else ComposedGELU()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Dropout):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, NoDropout())
+    if pack_weights:
+        pack_linears(model)
+    for module in model.modules():
+        _call_forward_directly(module)
+
+
+_DIRECT: dict[type, type] = {}
+
+
+def _call_forward_directly(module: nn.Module) -> None:
+    """Make calling ``module`` call its ``forward`` with no hook machinery, by giving it a
+    subclass of its class whose ``__call__`` is ``forward``: the runner's model is
+    inference-only, has no hooks, and runs ~18 module calls per block per step."""
+    cls = type(module)
+    if "__call__" in vars(cls):  # already direct (the runner's own modules)
+        return
+    if cls not in _DIRECT:
+        _DIRECT[cls] = type(
+            cls.__name__, (cls,), {"__call__": cls.forward, "__module__": cls.__module__}
+        )
+    module.__class__ = _DIRECT[cls]
 
 
 # Above this many key and value bytes per layer in its bucket, a decode attends on its own
@@ -211,11 +324,75 @@ class _Decodes(NamedTuple):
     span: int | None  # rows are span, span + 1, ...: slices instead of index ops
 
 
+class _PagedAttention:
+    """One step's attention backend (``baobab.models.common.attention.Attend``).
+
+    The model hands it the step's rows as one sequence of M tokens: q (1, H, M, D), k and v
+    (1, Hkv, M, D). It writes k and v to the cache at ``where`` (M,), then each piece's
+    queries attend to their own request's cached keys; padding rows attend to nothing.
+    """
+
+    def __init__(
+        self,
+        cache: KVCache,
+        where: torch.Tensor,
+        pieces: list[_Piece],
+        groups: list[_Decodes],
+        gqa: bool,
+    ) -> None:
+        self.cache, self.where, self.pieces, self.groups = cache, where, pieces, groups
+        self.gqa = gqa
+        # One group of decodes over rows 0..M-1 (all-decode steps): its output is y itself.
+        self.whole = (
+            not pieces
+            and len(groups) == 1
+            and groups[0].span == 0
+            and len(groups[0].rows) == len(where)
+        )
+
+    def __call__(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float
+    ) -> torch.Tensor:
+        self.cache.write(layer, self.where, k[0], v[0])
+        q = q[0].transpose(0, 1).contiguous()  # (M, H, D)
+        rows, heads, d = q.shape
+        # Padding rows attend to nothing (zeros).
+        y = None if self.whole else q.new_zeros(rows, heads * d)
+        for p in self.pieces:
+            keys, values = self.cache.view(layer, p.base, p.kv_len)  # (1, Hkv, L, D)
+            query = q.as_strided(  # (1, H, n, D) view of rows r0:r1
+                (1, heads, p.r1 - p.r0, d),
+                (0, d, heads * d, 1),
+                q.storage_offset() + p.r0 * heads * d,
+            )
+            out = F.scaled_dot_product_attention(
+                query, keys, values, attn_mask=p.mask, is_causal=p.causal, enable_gqa=self.gqa
+            )
+            y[p.r0 : p.r1] = out[0].transpose(0, 1).reshape(-1, heads * d)
+        kv_heads = self.cache.heads
+        for g in self.groups:
+            n = g.rows.shape[0]
+            keys, values = self.cache.gather(layer, g.where, n)  # (Hkv, G, Lb, D)
+            mine = q[g.span : g.span + n] if g.span is not None else q.index_select(0, g.rows)
+            # (Hkv, G, rep, D): query head h uses key head h // rep, as enable_gqa does.
+            query = (mine * d**-0.5).view(n, kv_heads, -1, d).transpose(0, 1)
+            scores = torch.matmul(query, keys.transpose(-1, -2)) + g.bias  # (Hkv, G, rep, Lb)
+            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (Hkv, G, rep, D)
+            out = out.transpose(0, 1).reshape(n, heads * d)
+            if y is None:
+                return out[None]  # (1, M, H * D)
+            if g.span is not None:
+                y[g.span : g.span + n] = out
+            else:
+                y.index_copy_(0, g.rows, out)
+        return y[None]  # (1, M, H * D)
+
+
 class ModelRunner:
     """Runs a :class:`~baobab.models.gpt.GPT` (Llama or GPT-2 variant) over scheduled tokens.
 
-    The runner owns ``model``: with ``pack_weights`` its large float32 linears are swapped
-    for :class:`PackedLinear` (its own ``forward`` still works).
+    The runner owns ``model``: its modules are swapped for batch-invariant ones
+    (:func:`make_batch_invariant`); its own ``forward`` still works.
     """
 
     def __init__(
@@ -235,33 +412,28 @@ class ModelRunner:
         self.chunk = prefill_chunk_size
         self.device = next(model.parameters()).device
         self.dtype = model.tok_embeddings.weight.dtype
-        # Linears over the same input run as one (wq/wk/wv; w1/w3): fewer calls, each
-        # with its fixed per-call cost. Fused before packing, so a packed model packs the
-        # fused weights.
-        layers = list(model.layers.values())
-        self.qkv = [_fuse(b.attention, ["wq", "wk", "wv"], pack_weights) for b in layers]
-        swiglu = cfg.mlp == "swiglu"
-        self.gate_up = [
-            _fuse(b.feed_forward, ["w1", "w3"], pack_weights) if swiglu else None for b in layers
-        ]
-        if pack_weights:
-            pack_linears(model)
+        make_batch_invariant(model, pack_weights)
         # Rows of the batch come in fours if any block linear runs through MKL; the rows
         # going into the head (one per sampled request) only if the head does.
         blocks_mkl = any(_is_linear(m) for m in model.layers.modules())
         self.row_multiple = 4 if blocks_mkl else 1
         self.head_multiple = 1 if isinstance(model.output, PackedLinear) else 4
-        self.q_width, self.kv_width = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
         self.cache = KVCache(cfg, num_blocks, block_size, self.dtype, self.device)
         # Decodes whose bucket holds at most this many keys are gathered and batched.
         row_bytes = 2 * cfg.n_kv_head * cfg.head_dim * self.dtype.itemsize  # one key + value
         self.gather_max_keys = gather_max_bytes // row_bytes
-        self.rope = cfg.position == "rope"
-        half = cfg.head_dim // 2
-        self.rope_sign = torch.tensor([-1.0] * half + [1.0] * half, device=self.device)
         self.gqa = cfg.n_kv_head != cfg.n_head
+        self._zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        self._minus_inf = torch.full((), float("-inf"), dtype=self.dtype, device=self.device)
+        self._aranges: dict[int, torch.Tensor] = {}
 
-    # ---------------------------------------------------------------------- helpers
+    def _keys(self, length: int) -> torch.Tensor:
+        """0..length-1 (length,), kept per bucket length."""
+        keys = self._aranges.get(length)
+        if keys is None:
+            keys = self._aranges[length] = torch.arange(length, device=self.device)
+        return keys
+
     def _pieces(self, seqs: Sequence[SeqInput]) -> tuple[list[_Piece], list[_Decodes]]:
         """Attention work: each request's new tokens cut at multiples of ``chunk``; pieces
         of one query (decodes) grouped by ``_bucket`` of their key count, unless the bucket
@@ -285,66 +457,16 @@ class ModelRunner:
                 row, a = row + n, b
         groups = []
         for length, members in single.items():
-            rows, bases, lens = (torch.tensor(c, device=self.device) for c in zip(*members))
-            keys = torch.arange(length, device=self.device)  # (Lb,)
+            rows, bases, lens = torch.tensor(list(zip(*members)), device=self.device)  # (G,)
+            keys = self._keys(length)  # (Lb,)
             live = keys[None, :] < lens[:, None]  # (G, Lb)
             where = torch.where(live, bases[:, None] + keys, self.cache.scratch)
-            bias = torch.zeros(live.shape, dtype=self.dtype, device=self.device)
-            bias.masked_fill_(~live, float("-inf"))
+            bias = torch.where(live, self._zero, self._minus_inf)  # (G, Lb)
             first = members[0][0]
             span = first if all(m[0] == first + j for j, m in enumerate(members)) else None
             groups.append(_Decodes(rows, where.flatten(), bias[None, :, None, :], span))
         return pieces, groups
 
-    def _ffn(self, i: int, ffn: nn.Module, h: torch.Tensor) -> torch.Tensor:
-        """The block's feed-forward with position-independent activations (module docstring)."""
-        if self.cfg.mlp == "swiglu":
-            if self.gate_up[i] is not None:
-                a, b = self.gate_up[i](h).chunk(2, dim=-1)
-            else:
-                a, b = ffn.w1(h), ffn.w3(h)
-            a = a.float()
-            gate = (a / (1.0 + torch.exp(-a))).to(h.dtype)  # silu
-            return ffn.w2(gate * b)
-        u = ffn.w1(h).float()
-        inner = _SQRT_2_OVER_PI * (u + 0.044715 * (u * u * u))
-        return ffn.w2((0.5 * u * (1.0 + torch.tanh(inner))).to(h.dtype))  # gelu (tanh)
-
-    def _attention(
-        self, layer: int, q: torch.Tensor, pieces: list[_Piece], groups: list[_Decodes]
-    ) -> torch.Tensor:
-        """Each piece's queries against its own request's cached keys: (M, H * D)."""
-        rows, heads, d = q.shape
-        y = q.new_zeros(rows, heads * d)  # padding rows attend to nothing
-        for p in pieces:
-            keys, values = self.cache.view(layer, p.base, p.kv_len)  # (1, Hkv, L, D)
-            query = q.as_strided(  # (1, H, n, D) view of rows r0:r1
-                (1, heads, p.r1 - p.r0, d),
-                (0, d, heads * d, 1),
-                q.storage_offset() + p.r0 * heads * d,
-            )
-            out = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=p.mask, is_causal=p.causal, enable_gqa=self.gqa
-            )
-            y[p.r0 : p.r1] = out[0].transpose(0, 1).reshape(-1, heads * d)
-        kv_heads = self.cfg.n_kv_head
-        for g in groups:
-            n = g.rows.shape[0]
-            keys, values = self.cache.gather(layer, g.where, n)  # (Hkv, G, Lb, D)
-            # (Hkv, G, rep, D): query head h uses key head h // rep, as enable_gqa does.
-            mine = q[g.span : g.span + n] if g.span is not None else q.index_select(0, g.rows)
-            # (Hkv, G, rep, D): query head h uses key head h // rep, as enable_gqa does.
-            query = (mine * d**-0.5).view(n, kv_heads, -1, d).transpose(0, 1)
-            scores = torch.matmul(query, keys.transpose(-1, -2)) + g.bias  # (Hkv, G, rep, Lb)
-            out = torch.matmul(torch.softmax(scores, dim=-1), values)  # (Hkv, G, rep, D)
-            out = out.transpose(0, 1).reshape(n, heads * d)
-            if g.span is not None:
-                y[g.span : g.span + n] = out
-            else:
-                y.index_copy_(0, g.rows, out)
-        return y
-
-    # ---------------------------------------------------------------------- the step
     @torch.inference_mode()
     def execute(self, seqs: Sequence[SeqInput], all_logits: bool = False) -> torch.Tensor:
         """Compute the scheduled tokens, store their keys and values, return logits.
@@ -369,50 +491,20 @@ class ModelRunner:
             elif s.sample:
                 out_rows.append(len(ids) - 1)
         pad = _round_up(len(ids), self.row_multiple) - len(ids)
-        ids_t = torch.tensor(ids + [0] * pad, device=dev)  # (M,) padding: token 0 ...
-        pos_t = torch.tensor(positions + [0] * pad, device=dev)  # (M,) ... at position 0 ...
-        where_t = torch.tensor(where + [self.cache.scratch] * pad, device=dev)  # ... in scratch
-        pieces, groups = self._pieces(seqs)
-
-        x = model.tok_embeddings(ids_t)  # (M, C)
-        if model.pos_embeddings is not None:
-            x = x + model.pos_embeddings(pos_t)
-        if self.rope:
-            cos = model.rope_cos[pos_t].to(x.dtype)[:, None, :]  # (M, 1, D)
-            # rotate_half(x) * sin == x.roll(D/2) * (sin with its first half negated), bit
-            # for bit ((-a) * b == a * (-b) in IEEE): one roll instead of chunk/neg/cat.
-            sin = (model.rope_sin[pos_t].to(x.dtype) * self.rope_sign)[:, None, :]
-        rows, d = ids_t.shape[0], cfg.head_dim
-        for i, layer in enumerate(model.layers.values()):
-            attn = layer.attention
-            h = _norm(layer.attention_norm, x)
-            if self.qkv[i] is not None:
-                qk, v = self.qkv[i](h).split([self.q_width + self.kv_width, self.kv_width], 1)
-                qk = qk.view(rows, -1, d)  # (M, H + Hkv, D)
-            else:
-                qk = torch.cat([attn.wq(h), attn.wk(h)], 1).view(rows, -1, d)
-                v = attn.wv(h)
-            if self.rope:  # apply_rotary's formula, per row's own position
-                qk = qk * cos + qk.roll(d // 2, -1) * sin
-            q, k = qk.split([cfg.n_head, cfg.n_kv_head], 1)  # (M, H, D), (M, Hkv, D)
-            self.cache.write(i, where_t, k, v.view(rows, -1, d))
-            x = x + attn.wo(self._attention(i, q.contiguous(), pieces, groups))
-            x = x + self._ffn(i, layer.feed_forward, _norm(layer.ffn_norm, x))
+        # Padding rows: token 0 at position 0, written to the scratch position. One tensor
+        # (3, M): ids, positions and cache positions of the step's M rows.
+        rows = torch.tensor(
+            [ids + [0] * pad, positions + [0] * pad, where + [self.cache.scratch] * pad],
+            device=dev,
+        )
+        ids_t, pos_t, where_t = rows[0:1], rows[1:2], rows[2]  # (1, M), (1, M), (M,)
+        attend = _PagedAttention(self.cache, where_t, *self._pieces(seqs), self.gqa)
+        h = model.hidden_states(ids_t, pos_t, attend)[0]  # (M, C)
         # Only the rows whose logits are wanted go through the norm and the head.
         wanted = len(out_rows)
         out_rows += [0] * (_round_up(wanted, self.head_multiple) - wanted)
-        h = _norm(model.norm, x[torch.tensor(out_rows, device=dev, dtype=torch.long)])  # (N, C)
-        return model.output(h).float()[:wanted]  # (N, V)
-
-
-def _norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` through its functional form: the same kernel without the module call
-    (~12 us each, measured for nn.RMSNorm; nine per gpt-mini step)."""
-    if type(norm) is nn.RMSNorm:
-        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
-    if type(norm) is nn.LayerNorm:
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return norm(x)
+        head_rows = torch.tensor(out_rows, device=dev, dtype=torch.long)
+        return model.logits(h[head_rows])[:wanted]  # (N, V) float32
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -155,7 +155,9 @@ class TrainerConfig:
         resume: continue from the newest checkpoint in run_dir.
         overwrite: start over in a run_dir that already holds checkpoints.
         progress: show a progress bar.
-        peak_flops: the device's peak FLOP/s for MFU; null measures a matmul peak at start.
+        peak_flops: the device's peak FLOP/s for MFU; null takes a known GPU's data sheet
+            for the run's compute dtype, else a load-robust probe repeated through the run
+            (``baobab.train.device``).
         mask_prob: masked LM: share of tokens to mask.
         threads: CPU threads for torch (0 keeps torch's default).
         deterministic: use only deterministic kernels (``torch.use_deterministic_algorithms``),

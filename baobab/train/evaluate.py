@@ -86,8 +86,9 @@ def evaluate(
                 loss, extras = parallel.pipeline_step(batch.inputs, batch.targets, train=False), {}
             else:
                 loss, extras = objective.loss(model, batch)
-        total_loss += float(loss) * batch.count
-        total_terms += batch.count
+        count = int(batch.count)  # a tensor for masked LM
+        total_loss += float(loss) * count
+        total_terms += count
         correct += int(extras.get("correct", 0))
         items += objective.items(batch)
     for part, mode in zip(parts, modes):

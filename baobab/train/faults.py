@@ -3,9 +3,10 @@
 - :class:`StepGuard` decides whether a step's update may be applied: a non-finite loss or
   gradient norm, or (optionally) a loss above ``fault.spike_factor`` times the mean of
   the recent good losses, skips the update; ``fault.max_skipped_steps`` consecutive skips
-  stop the run. Every rank sees the same global loss and norm, so every rank decides
-  alike. Its state travels in checkpoints, so a resumed run judges exactly as an
-  uninterrupted one.
+  stop the run. It decides on the device (the optimizer step is masked by the verdict,
+  ``baobab.optim.skip``) and the host reads the verdicts with the loss, on logging steps.
+  Every rank sees the same global loss and norm, so every rank decides alike. Its state
+  travels in checkpoints, so a resumed run judges exactly as an uninterrupted one.
 - Fault notes: a rank that fails for a known reason (a hang, an exception) leaves one line
   in ``run_dir/faults/``; the next attempt of an elastic job reads them as the cause of its
   restart, and a note marked fatal (the run stopped on bad numbers) stops the restarts.
@@ -32,10 +33,11 @@ import re
 import shutil
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from baobab.train.config import FaultConfig
 
@@ -43,6 +45,8 @@ INJECT_ENV = "BAOBAB_FAULT_INJECT"
 NOTES_DIR = "faults"
 HANG_SECONDS = 3600.0
 SPIKE_MULTIPLIER = 100.0
+# A step's verdict, as StepGuard.judge writes it into the row the host reads.
+NONFINITE_LOSS, NONFINITE_NORM, SPIKE, HELD = 1, 2, 3, 4
 
 
 class TrainingError(RuntimeError):
@@ -50,14 +54,26 @@ class TrainingError(RuntimeError):
 
 
 class StepGuard:
-    """Judges each step's global loss and gradient norm before the optimizer may use them."""
+    """Judges each step's global loss and gradient norm on the device, before the optimizer
+    may use them; the host learns the verdicts later, in order (``account``).
+
+    ``judge`` never reads a value on the host: it returns a 0-dim bool ``skip`` for
+    ``baobab.optim.skip.SkippableStep`` and a row (loss, norm, verdict, recent mean) that
+    the trainer reads with the loss, on logging steps. The window of recent good losses and
+    the count of consecutive skips live on the device. Once ``fault.max_skipped_steps`` are
+    skipped in a row, every later update is held (skipped too, verdict ``HELD``), so the
+    weights stay those of the step the run stops at, however late the host reads it.
+    """
 
     def __init__(self, cfg: FaultConfig):
         self.cfg = cfg
-        self.recent: deque[float] = deque(maxlen=cfg.spike_window)  # last good losses
-        self.consecutive = 0  # skipped updates in a row, up to now
-        self.nonfinite = 0  # totals over the whole run
+        self.consecutive = 0  # skipped updates in a row, up to the last accounted step
+        self.nonfinite = 0  # totals over the whole run, up to the last accounted step
         self.spikes = 0
+        self._loaded: list[float] = []  # last good losses of a checkpoint, oldest first
+        self._recent: torch.Tensor | None = None  # (spike_window,) float64, newest last
+        self._filled: torch.Tensor | None = None  # how many of _recent are losses, 0-dim
+        self._run: torch.Tensor | None = None  # skips in a row on the device, 0-dim int64
 
     @property
     def skipped(self) -> int:
@@ -68,46 +84,79 @@ class StepGuard:
         """True once ``fault.max_skipped_steps`` updates in a row were skipped."""
         return self.consecutive >= self.cfg.max_skipped_steps
 
-    def judge(self, loss: float, grad_norm: float) -> str | None:
-        """None when the update may go ahead, else why it must be skipped (and counted)."""
-        if not math.isfinite(loss):
+    def _start(self, device: torch.device) -> None:
+        window = self.cfg.spike_window
+        recent = torch.zeros(window, dtype=torch.float64)
+        if self._loaded:
+            recent[window - len(self._loaded) :] = torch.tensor(self._loaded, dtype=torch.float64)
+        self._recent = recent.to(device)
+        self._filled = torch.tensor(len(self._loaded), device=device)
+        self._run = torch.tensor(self.consecutive, device=device)
+
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """(skip, row) for a step's global mean loss (0-dim float64) and gradient norm, both
+        on the device and the same on every rank, so every rank decides alike."""
+        if self._recent is None:
+            self._start(loss.device)
+        recent, filled, run, window = self._recent, self._filled, self._run, self.cfg.spike_window
+        norm = grad_norm.detach().to(torch.float64)
+        mean = recent.sum() / window  # the mean of the window once it is full
+        verdict = torch.where(norm.isfinite(), 0, NONFINITE_NORM)
+        if self.cfg.spike_factor is not None:
+            spike = (filled >= window) & (loss > self.cfg.spike_factor * mean)
+            verdict = torch.where(spike & (verdict == 0), SPIKE, verdict)
+        verdict = torch.where(loss.isfinite(), verdict, NONFINITE_LOSS)
+        verdict = torch.where(run >= self.cfg.max_skipped_steps, HELD, verdict)
+        skip = verdict != 0
+        # A good loss joins the window (the oldest leaves); a skip extends the run.
+        recent.copy_(torch.where(skip, recent, torch.cat([recent[1:], loss.view(1)])))
+        filled.copy_(torch.where(skip, filled, (filled + 1).clamp(max=window)))
+        run.copy_(torch.where(skip, run + (verdict != HELD), 0))
+        return skip, torch.stack([loss, norm, verdict.to(torch.float64), mean])
+
+    def account(self, row: list[float]) -> str | None:
+        """Take in one step's row as read by the host, in step order: None when the update
+        went ahead, else why it was skipped (and counted)."""
+        loss, norm, verdict, mean = row
+        if verdict == 0:
+            self.consecutive = 0
+            return None
+        if verdict == NONFINITE_LOSS:
             reason = f"non-finite loss ({loss})"
             self.nonfinite += 1
-        elif not math.isfinite(grad_norm):
-            reason = f"non-finite gradient norm ({grad_norm})"
+        elif verdict == NONFINITE_NORM:
+            reason = f"non-finite gradient norm ({norm})"
             self.nonfinite += 1
-        elif self._spiking(loss):
-            mean = sum(self.recent) / len(self.recent)
+        elif verdict == SPIKE:
             reason = (
                 f"loss spike ({loss:.4g} is over {self.cfg.spike_factor:g} x the recent "
                 f"mean {mean:.4g})"
             )
             self.spikes += 1
-        else:
-            self.recent.append(loss)
-            self.consecutive = 0
-            return None
+        else:  # HELD: after a run of skips that already stopped the run
+            return "held after too many skipped updates"
         self.consecutive += 1
         return reason
 
-    def _spiking(self, loss: float) -> bool:
-        factor = self.cfg.spike_factor
-        if factor is None or len(self.recent) < self.cfg.spike_window:
-            return False
-        return loss > factor * (sum(self.recent) / len(self.recent))
-
     def state_dict(self) -> dict[str, Any]:
+        """Valid once every judged step has been accounted (the trainer reads before saving)."""
+        if self._recent is None:
+            recent = list(self._loaded)
+        else:
+            filled = int(self._filled)
+            recent = self._recent.tolist()[self.cfg.spike_window - filled :] if filled else []
         return {
-            "recent": list(self.recent),
+            "recent": recent,
             "consecutive": self.consecutive,
             "nonfinite": self.nonfinite,
             "spikes": self.spikes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.recent = deque(state["recent"], maxlen=self.cfg.spike_window)
+        self._loaded = [float(x) for x in state["recent"]][-self.cfg.spike_window :]
         self.consecutive = int(state["consecutive"])
         self.nonfinite, self.spikes = int(state["nonfinite"]), int(state["spikes"])
+        self._recent = self._filled = self._run = None  # rebuilt on the next judge
 
 
 # -- fault notes ------------------------------------------------------------------------------

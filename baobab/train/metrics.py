@@ -105,12 +105,17 @@ class Progress:
             total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True
         )
 
-    def update(self, loss: float, lr: float, throughput: float, mfu: float | None) -> None:
+    def step(self) -> None:
+        """One more optimizer step done (the figures follow when the host reads them)."""
+        self._bar.update(1)
+
+    def show(self, loss: float, lr: float, throughput: float, mfu: float | None) -> None:
+        """The figures of the last step read: loss and lr, throughput and MFU over the steps
+        since the previous read."""
         postfix = {"loss": f"{loss:.4f}", "lr": f"{lr:.2e}", f"{self.unit}/s": f"{throughput:,.0f}"}
         if mfu is not None:
             postfix["mfu"] = f"{100 * mfu:.1f}%"
-        self._bar.set_postfix(postfix, refresh=False)
-        self._bar.update(1)
+        self._bar.set_postfix(postfix)
 
     def write(self, message: str) -> None:
         self._bar.write(message)

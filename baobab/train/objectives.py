@@ -23,7 +23,7 @@ IGNORE_INDEX = -100
 class Batch:
     inputs: torch.Tensor
     targets: torch.Tensor
-    count: int  # number of loss terms in this batch
+    count: int | torch.Tensor  # loss terms in this batch (masked LM: a 0-dim device tensor)
 
 
 class Objective:
@@ -83,8 +83,7 @@ class MaskedLM(_LanguageModel):
         tokens = x
         draw = torch.rand(tokens.shape, generator=generator, device=tokens.device)
         chosen = draw < self.mask_prob
-        if not chosen.any():  # always train on at least one position
-            chosen[..., 0] = True
+        chosen[..., 0] |= ~chosen.any()  # always train on at least one position
         labels = torch.where(chosen, tokens, torch.full_like(tokens, IGNORE_INDEX))
         kind = torch.rand(tokens.shape, generator=generator, device=tokens.device)
         random_ids = torch.randint(
@@ -92,7 +91,7 @@ class MaskedLM(_LanguageModel):
         )
         inputs = torch.where(chosen & (kind < 0.8), torch.full_like(tokens, self.mask_id), tokens)
         inputs = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), random_ids, inputs)
-        return Batch(inputs, labels, int(chosen.sum()))
+        return Batch(inputs, labels, chosen.sum())  # a count the host never waits for
 
     def criterion(self, logits, labels):  # logits (B, T, V), labels (B, T)
         flat_logits, flat_labels = logits.flatten(0, 1).float(), labels.flatten()

@@ -23,7 +23,13 @@ from baobab import models
 from baobab.export.open import OpenedModel, open_model
 from baobab.models.lora import apply_lora
 from baobab.optim import build_optimizer, build_scheduler, is_full_batch
-from baobab.parallel import apply_block_options, build_mesh, dp_rank_and_size, parallelize
+from baobab.parallel import (
+    apply_block_options,
+    build_mesh,
+    dp_rank_and_size,
+    materialize_parallel,
+    parallelize,
+)
 from baobab.train import distributed as bdist
 from baobab.train.config import RunConfig
 from baobab.train.device import pick_device, set_deterministic
@@ -210,7 +216,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         "seq_len": cfg.data.seq_len if cfg.data.kind == "tokens" else None,
         "local_batch_size": cfg.data.batch_size,
     }
-    base = open_model(cfg.model.init) if cfg.model.init else None
+    base = open_model(cfg.model.init, lazy=True) if cfg.model.init else None
     named = (
         _base_config(cfg, base)
         if base
@@ -247,14 +253,16 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         objective = Distillation(
             objective, teacher.model.to(device), cfg.distill.temperature, cfg.distill.alpha
         )
-    # Every rank builds the same full model from the same seed, so a parallel run starts
-    # from exactly the weights of the single-process run; parallelize() then shards it.
-    torch.manual_seed(cfg.train.seed)
-    model = models.build_model(model_cfg)
-    if base is not None:
-        _load_base_weights(model, base, cfg.model.init)
+    # torchtitan's order: build on meta (nothing allocated), parallelize() the meta model,
+    # then allocate this rank's shards and fill them one full tensor at a time, each drawn
+    # from a generator seeded by (train.seed, its name) or copied from the --model.init
+    # base: every layout starts from the one-process weights, and no rank ever holds the
+    # whole model (baobab.parallel.materialize).
+    torch.manual_seed(cfg.train.seed)  # the run's RNG (dropout, masking); init is by name
+    model = models.build_model(model_cfg, device="meta")
+    weights = _base_weights(model, base, cfg.model.init) if base is not None else None
     if cfg.lora is not None:
-        apply_lora(model, cfg.lora)  # after loading: adapters start at zero over the base
+        apply_lora(model, cfg.lora)  # on meta: adapters are filled by name with the rest
     if mesh is not None:
         head = _output_layer_name(model)
         model = parallelize(
@@ -265,6 +273,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
             blocks=cfg.blocks,
             param_dtype=torch.bfloat16 if cfg.train.precision == "bf16-params" else None,
         )
+        materialize_parallel(model.parts, cfg.train.seed, device, weights=weights)
         optimizers = [
             build_optimizer(
                 part, cfg.optim, output_layer=head if head in dict(part.named_modules()) else ""
@@ -273,6 +282,7 @@ def build_trainer(cfg: RunConfig) -> Trainer:
         ]
     else:
         apply_block_options(model, cfg.blocks)
+        materialize_parallel([model], cfg.train.seed, device, weights=weights)
         optimizers = [build_optimizer(model, cfg.optim)]
     seq_len = cfg.data.seq_len if cfg.data.kind == "tokens" else None
     trainer = Trainer(
@@ -307,12 +317,25 @@ def build_trainer(cfg: RunConfig) -> Trainer:
     return trainer
 
 
-def _load_base_weights(model: nn.Module, base: OpenedModel, where: str) -> None:
-    try:
-        model.load_state_dict(base.model.state_dict(), strict=True)
-    except RuntimeError as err:  # missing keys or shapes changed by model.overrides
-        detail = " ".join(str(err).split())
-        raise ValueError(f"the weights in '{where}' do not fit the model: {detail}") from None
+def _base_weights(model: nn.Module, base: OpenedModel, where: str) -> dict[str, torch.Tensor]:
+    """The base model's tensors by name (an export's are read one at a time, when its
+    parameter is filled), checked against the (meta) model they will fill."""
+    weights = base.tensors()
+    shapes = getattr(weights, "shapes", None) or {k: tuple(t.shape) for k, t in weights.items()}
+    want = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    missing = sorted(want.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - want.keys())
+    wrong = [
+        f"{k} is {shapes[k]} there but {want[k]} here"
+        for k in sorted(want.keys() & shapes.keys())
+        if shapes[k] != want[k]
+    ]
+    problems = [f"missing {', '.join(missing[:5])}"] if missing else []
+    problems += [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []
+    problems += wrong[:5]
+    if problems:  # e.g. shapes changed by model.overrides
+        raise ValueError(f"the weights in '{where}' do not fit the model: {'; '.join(problems)}")
+    return weights
 
 
 def _output_layer_name(model: nn.Module) -> str:

@@ -16,6 +16,15 @@ gradient norm is non-finite (or spikes) skips its update, which leaves weights a
 optimizer state as they were; the step still counts, its data is consumed and the schedule
 advances. Every phase of a step is announced to the hang watchdog. Where a run starts
 (fresh, resumed, restarted) is decided by ``recovery.plan_start``.
+
+The host waits for the device once per logging step, not once per step: the loss, the
+gradient norm and the guard's verdict stay on the device (the verdict masks the optimizer
+step there, ``baobab.optim.skip``), and each step leaves a row of them that the host reads,
+for all the steps since the last read, on logging, evaluation and checkpoint steps (every
+step with ``train.target_loss``, which needs the loss). Skipped updates are reported then,
+in order; the run stops at the step that exhausted ``fault.max_skipped_steps`` (later
+updates are held on the device until it is read). Throughput and MFU are measured over the
+steps between two reads, when the device has finished them.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -37,12 +47,14 @@ from baobab.checkpoint import (
     save_checkpoint,
     wait_for_checkpoint,
 )
+from baobab.data.loader import Prefetcher
 from baobab.diskspace import writing
 from baobab.optim import clip_gradients
+from baobab.optim.skip import SkippableStep
 from baobab.parallel import ParallelModel, clip_grad_norm_parallel
 from baobab.train import distributed as bdist
 from baobab.train.config import FaultConfig, TrainerConfig
-from baobab.train.device import autocast_context, peak_flops, pick_device
+from baobab.train.device import PeakMeter, autocast_context, compute_dtype, mfu, pick_device
 from baobab.train.evaluate import evaluate
 from baobab.train.faults import (
     FaultInjector,
@@ -66,6 +78,17 @@ class TrainResult:
     val: dict[str, float] = field(default_factory=dict)
     checkpoint: Path | None = None
     losses: list[float] = field(default_factory=list)  # training loss of each step run here
+
+
+@dataclass
+class _Pending:
+    """A step whose numbers the host has not read yet."""
+
+    step: int
+    row: torch.Tensor  # (loss, grad norm, verdict, recent mean), float64 on the device
+    items: int | torch.Tensor  # items of the global batch (a device tensor when all-reduced)
+    lr: float
+    epoch: int
 
 
 class Trainer:
@@ -143,6 +166,10 @@ class Trainer:
         self.guard = StepGuard(self.fault)
         self.watchdog = Watchdog(self.fault.hang_timeout, self.run_dir)
         self.injector = FaultInjector.from_env()  # None unless BAOBAB_FAULT_INJECT is set
+        # The next batch is drawn (and pinned for a GPU) while a step runs.
+        self.batches = Prefetcher(train_loader, self.device, pin=self.device.type == "cuda")
+        self._steppers: list[SkippableStep] | None = None  # made at the first step
+        self.peak: PeakMeter | None = None  # what MFU divides by, made when fit() starts
         if self.injector and self.pipelined and (self.injector.nan or self.injector.spike):
             raise ValueError("BAOBAB_FAULT_INJECT nan/spike do not work under pipeline parallelism")
 
@@ -154,7 +181,7 @@ class Trainer:
         return {
             "step": self.step,
             "schedulers": [s.state_dict() for s in self.schedulers],
-            "data": self.train_loader.state_dict(),
+            "data": self.batches.state_dict(),
             "rng": rng,
             "guard": self.guard.state_dict(),
         }
@@ -163,7 +190,7 @@ class Trainer:
         self.step = int(state["step"])
         for scheduler, sd in zip(self.schedulers, state["schedulers"]):
             scheduler.load_state_dict(sd)
-        self.train_loader.load_state_dict(state["data"])
+        self.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -221,9 +248,9 @@ class Trainer:
             self.load_trainer_state(load_checkpoint(plan.checkpoint, self.parts, self.optimizers))
         main = bdist.is_main()
         log = MetricsLog(self.run_dir) if main else None
-        peak = cfg.peak_flops or (
-            peak_flops(self.device, cfg.precision) if self.flops_per_item else None
-        )
+        if self.flops_per_item:
+            dtype = compute_dtype(self.device, cfg.precision)
+            self.peak = PeakMeter(self.device, dtype, given=cfg.peak_flops)
         unit = "tok" if self.objective.metric == "perplexity" else "samples"
         if log and (plan.checkpoint or plan.restart):
             log.write(plan.record(self.step))
@@ -231,47 +258,41 @@ class Trainer:
             for line in plan.report(self.step):
                 print(line, file=sys.stderr, flush=True)
         progress = Progress(self.total_steps, self.step, cfg.progress and main, unit)
+        if self.peak is not None and cfg.progress and main:
+            progress.write(f"mfu against {self.peak.value / 1e12:.3g} TFLOP/s ({self.peak.source})")
         result = TrainResult(step=self.step, loss=math.nan)
         val: dict[str, float] = {}
+        pending: list[_Pending] = []
         try:
             if self.step == 0 and self.val_loader is not None and cfg.eval_every:
                 val = self._evaluate_and_report(log, progress)  # the start of the validation curve
+            self._window = time.perf_counter()  # throughput is measured from here
             while self.step < self.total_steps:
-                t0 = time.perf_counter()
-                loss, grad_norm, items, skipped = self._train_step()
-                elapsed = time.perf_counter() - t0
+                _, _, items, row = self._train_step()
                 self.step += 1
-                result.losses.append(loss)
-                throughput = items / elapsed
-                mfu = (
-                    throughput * self.flops_per_item / (peak * bdist.world_size()) if peak else None
-                )
                 lr = self.optimizers[0].param_groups[0]["lr"]
-                progress.update(loss, lr, throughput, mfu)
-                if skipped is not None:
-                    self._report_skipped(skipped, log, progress)
-                elif log and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
-                    record = {"step": self.step, "epoch": self.train_loader.epoch, "loss": loss, "lr": lr,
-                              "grad_norm": grad_norm, f"{unit}_per_s": throughput}  # fmt: skip
-                    if mfu is not None:
-                        record["mfu"] = mfu
-                    if self.guard.skipped:
-                        record["skipped_steps"] = self.guard.skipped
-                    log.write(record)
+                pending.append(_Pending(self.step, row, items, lr, self.batches.epoch))
+                progress.step()
                 for scheduler in self.schedulers:
                     scheduler.step()
-                reached = cfg.target_loss is not None and loss <= cfg.target_loss
-                last = self.step == self.total_steps or reached
-                if self.val_loader is not None and (
-                    last or (cfg.eval_every and self.step % cfg.eval_every == 0)
-                ):
+                step, at_end = self.step, self.step == self.total_steps
+                evaluating = cfg.eval_every and step % cfg.eval_every == 0
+                saving = cfg.save_every and step % cfg.save_every == 0
+                read = at_end or step % cfg.log_every == 0 or evaluating or saving or cfg.target_loss is not None  # fmt: skip
+                if read:  # the one host synchronisation, on these steps only
+                    self._read(pending, result, log, progress, unit)
+                reached = cfg.target_loss is not None and result.losses[-1] <= cfg.target_loss
+                last = at_end or reached
+                if self.val_loader is not None and (last or evaluating):
                     val = self._evaluate_and_report(log, progress)
-                if last or (cfg.save_every and self.step % cfg.save_every == 0):
+                if last or saving:
                     result.checkpoint = self.save()
+                if read:  # the next window starts after evaluation and saving
+                    self._window = time.perf_counter()
                 if reached:
                     if log:
                         progress.write(
-                            f"step {self.step}: loss {loss:.4f} reached train.target_loss {cfg.target_loss}"
+                            f"step {self.step}: loss {result.losses[-1]:.4f} reached train.target_loss {cfg.target_loss}"
                         )
                     break
             if self.cfg.async_save:  # collective: publish the last background save
@@ -281,6 +302,7 @@ class Trainer:
                 ):
                     result.checkpoint = wait_for_checkpoint() or result.checkpoint
         finally:
+            self.batches.close()
             progress.close()
             if log:
                 log.close()
@@ -288,24 +310,59 @@ class Trainer:
         result.loss = result.losses[-1] if result.losses else math.nan
         return result
 
-    def _report_skipped(self, reason: str, log: MetricsLog | None, progress: Progress) -> None:
+    def _read(
+        self, pending: list[_Pending], result: TrainResult, log: MetricsLog | None,
+        progress: Progress, unit: str,
+    ) -> None:  # fmt: skip
+        """Read the rows of the pending steps (one host synchronisation for all of them),
+        then report each step in order: its loss, a skipped update, a metrics line."""
+        self.watchdog.phase(f"step {self.step}: reading the loss")
+        counts = [p.items for p in pending if isinstance(p.items, torch.Tensor)]
+        flat = torch.cat([torch.stack([p.row for p in pending]).flatten(), *(c.view(1) for c in counts)])  # fmt: skip
+        values = flat.tolist()
+        rows, device_items = values[: 4 * len(pending)], iter(values[4 * len(pending) :])
+        items = sum(next(device_items) if isinstance(p.items, torch.Tensor) else p.items for p in pending)  # fmt: skip
+        throughput = items / max(time.perf_counter() - self._window, 1e-9)
+        peak = self.peak.refresh() if self.peak is not None else None
+        util = mfu(throughput * self.flops_per_item, peak, bdist.world_size()) if peak else None
+        for i, p in enumerate(pending):
+            row = rows[4 * i : 4 * i + 4]
+            result.losses.append(row[0])
+            reason = self.guard.account(row)
+            if reason is not None:
+                self._report_skipped(p.step, reason, log, progress)
+            elif log and (p.step % self.cfg.log_every == 0 or p.step == self.total_steps):
+                record = {"step": p.step, "epoch": p.epoch, "loss": row[0], "lr": p.lr,
+                          "grad_norm": row[1], f"{unit}_per_s": throughput}  # fmt: skip
+                if util is not None:
+                    record["mfu"], record["peak_flops"] = util, peak
+                if self.guard.skipped:
+                    record["skipped_steps"] = self.guard.skipped
+                log.write(record)
+        progress.show(result.losses[-1], pending[-1].lr, throughput, util)
+        pending.clear()
+
+    def _report_skipped(
+        self, step: int, reason: str, log: MetricsLog | None, progress: Progress
+    ) -> None:
         """Count a skipped update in the metrics (always, whatever train.log_every); stop
         after ``fault.max_skipped_steps`` in a row."""
         guard = self.guard
         if log:
-            log.write({"step": self.step, "event": "skipped_step", "reason": reason,
+            log.write({"step": step, "event": "skipped_step", "reason": reason,
                        "skipped_steps": guard.skipped, "nonfinite_steps": guard.nonfinite,
                        "spike_steps": guard.spikes})  # fmt: skip
-            progress.write(f"step {self.step}: update skipped: {reason}")
+            progress.write(f"step {step}: update skipped: {reason}")
         if guard.exhausted:
             raise TrainingError(
                 f"{guard.consecutive} updates in a row were skipped, the last for a {reason} at "
-                f"step {self.step}; stopped, {self._last_good()}"
+                f"step {step}; stopped, {self._last_good()}"
             )
 
-    def _train_step(self) -> tuple[float, float, int, str | None]:
-        """One optimizer update; returns (global mean loss, grad norm, items processed
-        globally, why the update was skipped or None)."""
+    def _train_step(self) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, torch.Tensor]:
+        """One optimizer update, read by the host nowhere; returns (global mean loss, grad
+        norm, items processed globally, the guard's row), on the device but the items (a
+        host int without a process group)."""
         step, phase = self.step + 1, self.watchdog.phase
         for part in self.parts:
             part.train()
@@ -313,15 +370,12 @@ class Trainer:
         if self.injector:
             self.injector.maybe_hang(step, bdist.rank())
         batches = [
-            self.objective.prepare(*self._to_device(self.train_loader.next_batch()))
-            for _ in range(self.grad_accum)
+            self.objective.prepare(*self.batches.next_batch()) for _ in range(self.grad_accum)
         ]
-        local_terms = sum(b.count for b in batches)
+        local_terms = sum(b.count for b in batches)  # an int, or a device tensor (masked LM)
         local_items = sum(self.objective.items(b) for b in batches)
         phase(f"step {step}: all-reduce of the batch size")
-        total_terms, total_items = bdist.global_sum(
-            [local_terms, local_items], self.contributes, self.device
-        )
+        total_terms, total_items = self._global_counts(local_terms, local_items)
         phase(f"step {step}: forward/backward")
         factor = self.injector.loss_factor(step) if self.injector else None
         if self.pipelined:
@@ -334,21 +388,46 @@ class Trainer:
                 if factor is not None:  # BAOBAB_FAULT_INJECT: a real NaN or spike
                     loss = loss * factor
                 # weight = this batch's share of the global terms, times dp for the dp-average
-                (loss * (batch.count * self.dp_size / total_terms)).backward()
+                (loss * _share(batch.count * self.dp_size, total_terms, loss.dtype)).backward()
                 local_loss += loss.detach() * batch.count
         phase(f"step {step}: all-reduce of the loss")
-        (loss_sum,) = bdist.global_sum([float(local_loss)], self.contributes, self.device)
-        step_loss = loss_sum / total_terms
+        step_loss = self._global_sum(local_loss.double()) / total_terms  # float64, 0-dim
         phase(f"step {step}: gradient norm")
         grad_norm = self._clip()
-        skipped = self.guard.judge(step_loss, grad_norm)  # the same verdict on every rank
+        skip, row = self.guard.judge(step_loss, grad_norm)  # the same verdict on every rank
         phase(f"step {step}: optimizer")
-        if skipped is None:
-            for opt in self.optimizers:
-                opt.step()
+        if self._steppers is None:  # after fit() moved the model and loaded a checkpoint
+            self._steppers = [SkippableStep(opt, self.device) for opt in self.optimizers]
+        for stepper in self._steppers:
+            stepper.step(skip)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return step_loss, grad_norm, int(total_items), skipped
+        return step_loss, grad_norm, total_items, row
+
+    def _global_counts(
+        self, terms: int | torch.Tensor, items: int
+    ) -> tuple[int | torch.Tensor, int | torch.Tensor]:
+        """Loss terms and items summed over the replicas (see ``bdist.global_sum``), left
+        on the device; unchanged without a process group."""
+        if not dist.is_initialized():
+            return terms, items
+        if isinstance(terms, torch.Tensor):
+            counts = torch.stack([terms.double(), terms.new_full((), items, dtype=torch.float64)])  # fmt: skip
+        else:  # from page-locked memory, so the copy does not wait for the device
+            pin = self.device.type == "cuda"
+            host = torch.tensor([terms, items], dtype=torch.float64, pin_memory=pin)
+            counts = host.to(self.device, non_blocking=True)
+        if not self.contributes:
+            counts = torch.zeros_like(counts)
+        dist.all_reduce(counts)
+        return counts[0], counts[1]
+
+    def _global_sum(self, value: torch.Tensor) -> torch.Tensor:
+        if not dist.is_initialized():
+            return value
+        value = value if self.contributes else torch.zeros_like(value)
+        dist.all_reduce(value)
+        return value
 
     def _pipeline_step(self, batch: Batch) -> torch.Tensor:
         """Run the pipeline schedule over the micro-batches of ``batch``; returns the mean
@@ -358,19 +437,12 @@ class Trainer:
             loss = self.parallel.pipeline_step(batch.inputs, batch.targets)
         return loss * batch.count
 
-    def _clip(self) -> float:
+    def _clip(self) -> torch.Tensor:
         if self.parallel is not None:
-            norm = clip_grad_norm_parallel(
+            return clip_grad_norm_parallel(
                 self.parts, self.clip_norm, self.clip_value, self.parallel.pp_group
             )
-        else:
-            norm = clip_gradients(self.model.parameters(), self.clip_norm, self.clip_value)
-        return float(norm)
-
-    def _to_device(
-        self, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(t.to(self.device, non_blocking=True) for t in batch)
+        return clip_gradients(self.model.parameters(), self.clip_norm, self.clip_value)
 
     def _evaluate_and_report(self, log: MetricsLog | None, progress: Progress) -> dict[str, float]:
         self.watchdog.phase(f"step {self.step}: evaluation")
@@ -392,3 +464,12 @@ class Trainer:
             self.model, self.val_loader, self.objective.for_evaluation(), self.device, self.cfg.precision, self.cfg.eval_batches,
             generator, parallel=self.parallel, seed=self.cfg.seed,
         )  # fmt: skip
+
+
+def _share(part: int | torch.Tensor, total: int | torch.Tensor, dtype: torch.dtype) -> Any:
+    """``part / total`` in float64 (as Python divides), cast to the loss's ``dtype`` when
+    either is a tensor: the loss weight of a micro-batch, never read by the host."""
+    if not isinstance(part, torch.Tensor) and not isinstance(total, torch.Tensor):
+        return part / total
+    part = part.double() if isinstance(part, torch.Tensor) else part
+    return torch.div(part, total.double() if isinstance(total, torch.Tensor) else total).to(dtype)

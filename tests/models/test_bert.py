@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from baobab.models import Bert, build_model, count_params
+from baobab.models.common import materialize
 
 TINY = dict(vocab_size=50, n_layer=2, n_head=2, d_model=32, ffn_hidden=64, max_seq_len=16)
 
@@ -51,10 +52,9 @@ def test_layout_tie_and_limits() -> None:
     with pytest.raises(ValueError, match="sequence length 17 exceeds BertConfig.max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
     meta = build_model("bert-tiny", device="meta", **TINY)
-    meta.to_empty(device="cpu")
-    torch.manual_seed(0)
-    meta.init_weights()
-    for (name, p), q in zip(model.state_dict().items(), meta.state_dict().values()):
+    materialize(meta, seed=5, device="cpu")
+    direct = build_model("bert-tiny", seed=5, **TINY)
+    for (name, p), q in zip(direct.state_dict().items(), meta.state_dict().values()):
         assert torch.equal(p, q), name
     assert meta.mlm_head.decoder.weight is meta.word_embeddings.weight
     assert count_params(meta) == count_params(model)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from baobab.models import GPT, build_model, count_params, get_config
-from baobab.models.common import apply_rotary, rope_cos_sin
+from baobab.models.common import apply_rotary, materialize, rope_cos_sin
 
 TINY = dict(
     vocab_size=61, n_layer=2, n_head=4, n_kv_head=2, d_model=32, ffn_hidden=48, max_seq_len=16
@@ -65,10 +65,9 @@ def test_same_seed_same_weights_and_meta_init_matches() -> None:
     a = tiny()
     torch.manual_seed(3)
     b = tiny()
-    meta = build_model("gpt-nano", device="meta", **TINY)
-    meta.to_empty(device="cpu")
     torch.manual_seed(3)
-    meta.init_weights()
+    seed = int(torch.randint(0, 2**62, ()))  # what build_model draws without a seed
+    meta = materialize(build_model("gpt-nano", device="meta", **TINY), seed, "cpu")
     for other in (b, meta):
         for (name, p), q in zip(a.state_dict().items(), other.state_dict().values()):
             assert torch.equal(p, q), name

@@ -166,7 +166,7 @@ def served_app(export: Path, api_keys=(), **engine_options):
     """The app of ``baobab serve`` over ``export`` (loaded in the background, as the CLI does)."""
     from baobab.serve.chat import ChatTemplate
     from baobab.serve.config import EngineConfig
-    from baobab.serve.loader import load_served_model
+    from baobab.serve.launch import load_served_model
     from baobab.serve.server import build_app
 
     config = EngineConfig(**{**TEST_ENGINE, **engine_options})

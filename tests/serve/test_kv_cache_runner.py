@@ -17,8 +17,16 @@ from engine_helpers import (
 
 from baobab.export.quantize import quantize_model
 from baobab.models import get_config
+from baobab.models.common.rope import rotation_sin
 from baobab.serve.kv_cache import KVCache, num_blocks_for, token_bytes
-from baobab.serve.runner import ModelRunner, PackedLinear, SeqInput
+from baobab.serve.runner import (
+    ComposedGELU,
+    ComposedSiLU,
+    ModelRunner,
+    PackedLinear,
+    SeqInput,
+    _FusedPart,
+)
 
 VARIANTS = {"llama": LLAMA, "gpt2": GPT2}
 
@@ -154,14 +162,25 @@ def test_runner_refuses_positions_past_the_context_and_non_gpt_models():
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_composed_activations_match_the_model_feed_forward(variant):
+def test_swapped_modules_compute_the_model_feed_forward_and_attention(variant):
+    """The runner's swaps (fused linears, composed activations, no dropout) leave each
+    block computing what the model's own modules compute."""
     model = random_gpt(**VARIANTS[variant])
-    ffn = model.layers["0"].feed_forward
-    h = torch.randn(3, model.cfg.d_model)
+    block = copy.deepcopy(model.layers["0"])
+    h = torch.randn(1, 3, model.cfg.d_model)
+    cos, sin = model.rope_cos[None, None, :3], rotation_sin(model.rope_sin[None, None, :3])
     with torch.no_grad():
-        expected = ffn(h)
+        expected = block.feed_forward(h), block.attention(h, cos, sin)
     runner = runner_for(model, pack=False)
-    torch.testing.assert_close(runner._ffn(0, ffn, h), expected, rtol=1e-6, atol=1e-6)
+    swapped = runner.model.layers["0"]
+    act = ComposedSiLU if variant == "llama" else ComposedGELU
+    assert isinstance(swapped.feed_forward.act, act)
+    assert isinstance(swapped.attention.wk, _FusedPart)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in runner.model.modules())
+    with torch.inference_mode():
+        got = swapped.feed_forward(h), swapped.attention(h, cos, sin)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

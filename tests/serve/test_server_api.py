@@ -176,7 +176,7 @@ def png(pixels) -> bytes:
 
 def test_classify_images(image_export):
     from baobab.serve.classifier import decode_image
-    from baobab.serve.loader import load_served_model
+    from baobab.serve.launch import load_served_model
 
     images = [png(np.arange(64).reshape(8, 8) * 4), png(np.full((16, 16), 200))]
     model = load_served_model(str(image_export)).model  # the same weights, called directly

@@ -92,7 +92,7 @@ def test_drain_timeout_aborts_what_is_left(lm_export):
 def test_health_is_503_while_loading_then_200(lm_export):
     from baobab.serve.chat import ChatTemplate
     from baobab.serve.config import EngineConfig
-    from baobab.serve.loader import load_served_model
+    from baobab.serve.launch import load_served_model
     from baobab.serve.server import build_app
 
     go = threading.Event()

@@ -120,6 +120,32 @@ def test_the_spike_guard_skips_a_spike_and_its_state_resumes_with_the_run(tiny_c
     assert resumed.losses == whole.losses[5:]  # bit-identical, the spike included
 
 
+def test_skips_between_reads_are_reported_in_order_and_held_after_the_limit(tiny_corpus, tmp_path, monkeypatch):  # fmt: skip
+    """The host reads the loss every 4 steps only: steps 2 and 3 (NaN) are judged on the
+    device; the limit of 2 in a row is reached at step 3, so step 4's update is held and
+    the run stops at the read after step 4, naming step 3, with the weights of step 1."""
+    monkeypatch.setenv(INJECT_ENV, "nan@2-3")
+    run_dir = tmp_path / "run"
+    cfg = parse_run_config(args(tiny_corpus, run_dir, 8, "--train.log_every", "4", "--fault.max_skipped_steps", "2"))  # fmt: skip
+    trainer = build_trainer(cfg)
+    weights, step = [], trainer._train_step
+
+    def step_and_keep_the_weights():
+        out = step()
+        weights.append([p.detach().clone() for p in trainer.model.parameters()])
+        return out
+
+    trainer._train_step = step_and_keep_the_weights
+    message = r"2 updates in a row were skipped, the last for a non-finite loss \(nan\) at step 3"
+    with pytest.raises(TrainingError, match=message):
+        trainer.fit()
+    assert len(weights) == 4  # steps 1-4 ran; the read after step 4 stopped the run
+    for later in weights[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(weights[0], later))
+    assert [(r["step"], r["skipped_steps"]) for r in records(run_dir) if r.get("event") == "skipped_step"] == [(2, 1), (3, 2)]  # fmt: skip
+    assert not (run_dir / "checkpoints").exists() or not any((run_dir / "checkpoints").iterdir())
+
+
 @pytest.fixture(scope="module")
 def golden_corpus(tmp_path_factory) -> Path:
     """A byte-level corpus from text made here, the same on every machine and Python."""

@@ -4,6 +4,11 @@ The head dimension is split in two halves (x1, x2), not interleaved pairs, so we
 exported to ``LlamaForCausalLM`` give identical logits without permuting wq/wk.
 
 Shapes: T = positions, D = head_dim, B = batch, H = heads.
+
+The models rotate with :func:`apply_rotary_rolled` and a sin table whose first half is
+negated (:func:`rotation_sin`, once per forward): ``rotate_half(x) * sin`` equals
+``x.roll(D/2) * rotation_sin(sin)`` bit for bit (``(-a) * b == a * (-b)`` in IEEE, and
+so do their gradients), one roll instead of chunk/neg/cat per tensor and layer.
 """
 
 import torch
@@ -35,3 +40,23 @@ def apply_rotary(
     cos = cos.to(q.dtype)  # (T, D), broadcast over (B, H)
     sin = sin.to(q.dtype)
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def rotation_sin(sin: torch.Tensor) -> torch.Tensor:
+    """``sin`` (..., D) with its first half negated, for :func:`apply_rotary_rolled`."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def apply_rotary_rolled(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`apply_rotary` bit for bit, given ``rot_sin = rotation_sin(sin)``.
+
+    q (B, H, T, D), k (B, Hkv, T, D); cos and rot_sin broadcast to them, e.g. (B, 1, T, D)
+    for each token's own position.
+    """
+    if cos.dtype != q.dtype:  # float32 tables, lower-precision activations (autocast)
+        cos, rot_sin = cos.to(q.dtype), rot_sin.to(q.dtype)
+    half = q.shape[-1] // 2
+    return q * cos + q.roll(half, -1) * rot_sin, k * cos + k.roll(half, -1) * rot_sin

@@ -1,0 +1,86 @@
+"""The engine's round, written once: :class:`EngineCore` (vLLM V1's "engine core").
+
+A round takes the messages that arrived (``messages.py``: adds, aborts, a shutdown) in
+order, steps the engine once if it holds unfinished requests, and reports a
+:class:`~baobab.serve.messages.RoundOutput`; :meth:`EngineCore.run` repeats rounds,
+blocking for messages while the engine is idle, until a Shutdown. Two transports drive the
+same core and differ only in how messages arrive and where round outputs go:
+
+- :class:`~baobab.serve.async_engine.AsyncEngine`: a thread in the serving process; an
+  inbox in, ``EngineClient._receive`` out;
+- the engine process (``engine_process.py``): the pipe in and out; the parent's reader
+  thread hands each RoundOutput to ``EngineClient._receive``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from baobab.serve.engine import Engine
+from baobab.serve.messages import (
+    Abort,
+    AddRequests,
+    Ready,
+    Refused,
+    RoundOutput,
+    Shutdown,
+    ToCore,
+)
+from baobab.serve.types import QueueFullError, RequestOutput
+
+
+class EngineCore:
+    """An :class:`Engine` driven by messages, one round at a time (single-threaded)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.adds_seen = 0  # AddRequest taken in since start: RoundOutput.adds_seen
+        self.stopped = False  # a Shutdown arrived: the last round has run
+
+    def ready(self) -> Ready:
+        """What a client needs before its first request: limits and gauges."""
+        engine = self.engine
+        return Ready(engine.context_length, engine.vocab_size, engine.stats())
+
+    def round(self, messages: Sequence[ToCore]) -> RoundOutput:
+        """Fold ``messages`` into the engine in arrival order, then step once (or, after a
+        Shutdown, abort whatever is left instead); the outputs, refusals and gauges."""
+        engine = self.engine
+        outputs: list[RequestOutput] = []
+        failed: list[Refused] = []
+        for message in messages:
+            if isinstance(message, AddRequests):
+                for add in message.requests:
+                    self.adds_seen += 1
+                    try:
+                        engine.add_request(add.request_id, add.prompt_ids, add.params)
+                    except (ValueError, QueueFullError) as err:  # raced past the client's checks
+                        failed.append(Refused.of(add.request_id, err))
+            elif isinstance(message, Abort):
+                out = engine.abort(message.request_id)
+                if out is not None:
+                    outputs.append(out)
+            elif isinstance(message, Shutdown):
+                self.stopped = True
+            else:
+                raise TypeError(f"the engine core cannot handle {type(message).__name__}.")
+        if self.stopped:
+            outputs += [engine.abort(request_id) for request_id in engine.request_ids]
+        elif engine.has_unfinished():
+            outputs += engine.step()
+        # stats, busy and adds_seen as of the same moment: EngineClient._admit relies on it.
+        return RoundOutput(outputs, failed, engine.stats(), engine.has_unfinished(), self.adds_seen)
+
+    def run(
+        self,
+        receive: Callable[[bool], list[ToCore]],
+        send: Callable[[RoundOutput], None],
+    ) -> None:
+        """Rounds until a Shutdown: ``receive(block)`` gives the messages that arrived
+        (``block``: the engine is idle, so wait for at least one), ``send`` takes each
+        round's output. Exceptions propagate: the transport reports them."""
+        with torch.inference_mode():
+            while not self.stopped:
+                send(self.round(receive(not self.engine.has_unfinished())))
