@@ -8,73 +8,29 @@ run that cannot go on (bad numbers, a full disk) with one sentence and exit 1.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+import docstring_parser
+from jsonargparse import ArgumentParser, Namespace
 
-import docstring_parser  # noqa: E402
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace  # noqa: E402
+from baobab import commands, launch, models
+from baobab.data import PrepareConfig
+from baobab.diskspace import DiskFullError
+from baobab.train.flags import instantiate as _instantiate
+from baobab.train.flags import parse_run_config, run_config_parser
+from baobab.train.flags import to_run_config as _to_run_config
+from baobab.train.trainer import TrainingError
 
-from baobab import commands, launch, models  # noqa: E402
-from baobab.data import PrepareConfig  # noqa: E402
-from baobab.diskspace import DiskFullError  # noqa: E402
-from baobab.recipes import recipe_path  # noqa: E402
-from baobab.serve.bench import bench_serve  # noqa: E402
-from baobab.serve.http_command import serve  # noqa: E402
-from baobab.train.config import RunConfig  # noqa: E402
-from baobab.train.trainer import TrainingError  # noqa: E402
+__all__ = ["build_parser", "main", "parse_run_config", "run_config_parser"]
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, TrainingError, DiskFullError)
 # Not bad input but a run that cannot go on: exit 1 (bad input exits 2).
 RUN_ERRORS = (TrainingError, DiskFullError)
-
-
-class RecipeAction(ActionConfigFile):
-    """``--recipe NAME`` loads ``baobab/recipes/NAME.yaml`` (or a YAML path) as a config file."""
-
-    def __call__(self, parser, cfg, values, option_string=None):
-        super().__call__(parser, cfg, str(recipe_path(values)), option_string)
-
-
-def run_config_parser(prog: str = "baobab train") -> ArgumentParser:
-    parser = ArgumentParser(
-        prog=prog, description="Train a model from a recipe and dotted overrides."
-    )
-    parser.add_argument(
-        "--recipe", action=RecipeAction, help="a shipped recipe name or a YAML file"
-    )
-    parser.add_argument(
-        "--deterministic",
-        action="store_true",
-        help="shorthand for --train.deterministic true: repeatable bit for bit",
-    )
-    parser.add_class_arguments(RunConfig, None)
-    return parser
-
-
-def parse_run_config(args: Sequence[str]) -> RunConfig:
-    """A validated RunConfig from command-line style arguments (used by the CLI and tests)."""
-    parser = run_config_parser()
-    return _to_run_config(parser, parser.parse_args(list(args)))
-
-
-def _to_run_config(parser: ArgumentParser, ns: Namespace) -> RunConfig:
-    ns = ns.clone()
-    if ns.pop("deterministic", False):
-        ns["train.deterministic"] = True
-    return _instantiate(parser, ns, RunConfig)
-
-
-def _instantiate(parser: ArgumentParser, ns: Namespace, kind: type):
-    """Build ``kind`` from parsed flags; its own validation (``__post_init__``) runs here."""
-    ns = ns.clone()
-    for key in ("recipe", "__path__"):
-        ns.pop(key, None)
-    return kind(**vars(parser.instantiate(ns)))
 
 
 def prepare_parser() -> ArgumentParser:
@@ -111,8 +67,11 @@ def plan_parser() -> ArgumentParser:
 
 
 # subcommand -> typed function; its signature is the subcommand's flags. A nested dict is a
-# group of subcommands (``baobab hf export``).
-COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
+# group of subcommands (``baobab hf export``). A "module:function" string is imported only
+# when its command runs (or --help lists it): the serving stack (FastAPI, uvicorn, Jinja)
+# stays out of training workers and every other command.
+Command = Callable[..., Any] | str
+COMMANDS: dict[str, Command | dict[str, Command]] = {
     "eval": commands.evaluate,
     "export": commands.export,
     "quantize": commands.quantize,
@@ -122,12 +81,21 @@ COMMANDS: dict[str, Callable[..., Any] | dict[str, Callable[..., Any]]] = {
     "quickstart": commands.quickstart,
     "plot": commands.plot,
     "hf": {"export": commands.hf_export, "import": commands.hf_import},
-    "bench": {"serve": bench_serve},
-    "serve": serve,
+    "bench": {"serve": "baobab.serve.bench:bench_serve"},
+    "serve": "baobab.serve.http_command:serve",
 }
+BUILT_IN = ("train", "finetune", "prepare", "plan")  # parsers of their own, below
 
 
-def _function_parser(function: Callable[..., Any]) -> ArgumentParser:
+def _resolve(command: Command) -> Callable[..., Any]:
+    if isinstance(command, str):
+        module, _, name = command.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return command
+
+
+def _function_parser(command: Command) -> ArgumentParser:
+    function = _resolve(command)
     sub = ArgumentParser()
     # A leading list parameter (``plot RUN_DIR [RUN_DIR ...]``) and positional-only string
     # parameters (before ``/``: ``hf export DIR``) are positional; the rest are flags.
@@ -148,26 +116,40 @@ def _function_parser(function: Callable[..., Any]) -> ArgumentParser:
     return sub
 
 
-def _summary(function: Callable[..., Any]) -> str:
-    return (function.__doc__ or "").strip().splitlines()[0]
+def _summary(command: Command) -> str:
+    return (_resolve(command).__doc__ or "").strip().splitlines()[0]
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The ``baobab`` parser; with ``only``, just that subcommand's (what ``main`` parses,
+    so a command imports what it runs and no other command's modules)."""
     parser = ArgumentParser(
         prog="baobab", description="Grow large models: prepare, train, evaluate, generate."
     )
     subcommands = parser.add_subcommands()
-    subcommands.add_subcommand("train", run_config_parser(), help="train a model from a recipe")
-    subcommands.add_subcommand(
-        "finetune",
-        run_config_parser("baobab finetune"),
-        help="fine-tune the model in --model.init DIR (LoRA adapters with --lora.rank R)",
-    )
-    subcommands.add_subcommand(
-        "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
-    )
-    subcommands.add_subcommand("plan", plan_parser(), help="memory and time a run needs per device")
+
+    def wanted(name: str) -> bool:
+        return only is None or name == only
+
+    if wanted("train"):
+        subcommands.add_subcommand("train", run_config_parser(), help="train a model from a recipe")
+    if wanted("finetune"):
+        subcommands.add_subcommand(
+            "finetune",
+            run_config_parser("baobab finetune"),
+            help="fine-tune the model in --model.init DIR (LoRA adapters with --lora.rank R)",
+        )
+    if wanted("prepare"):
+        subcommands.add_subcommand(
+            "prepare", prepare_parser(), help=commands.prepare.__doc__.splitlines()[0]
+        )
+    if wanted("plan"):
+        subcommands.add_subcommand(
+            "plan", plan_parser(), help="memory and time a run needs per device"
+        )
     for name, target in COMMANDS.items():
+        if not wanted(name):
+            continue
         if isinstance(target, dict):
             group = ArgumentParser()
             # jsonargparse wants the group attached before its own subcommands are added.
@@ -180,12 +162,13 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def _call(target: Callable[..., Any] | dict[str, Callable[..., Any]], ns: Namespace) -> None:
+def _call(target: Command | dict[str, Command], ns: Namespace) -> None:
     ns = ns.clone()
     ns.pop("__path__", None)
     if isinstance(target, dict):
         action = ns.pop("action")
         return _call(target[action], ns[action])
+    target = _resolve(target)
     params = inspect.signature(target).parameters.values()
     args = [ns.pop(p.name) for p in params if p.kind is inspect.Parameter.POSITIONAL_ONLY]
     target(*args, **vars(ns))
@@ -201,7 +184,8 @@ def _underscored(arg: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = [_underscored(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    parser = build_parser()
+    named = argv[0] if argv and argv[0] in (*BUILT_IN, *COMMANDS) else None
+    parser = build_parser(only=named)
     try:
         if argv[:1] in (["train"], ["finetune"]) and not launch.in_worker():
             launch_args, argv = launch.split_launch_args(argv)

@@ -306,7 +306,7 @@ def quickstart(
         prompt: the code to continue once trained.
         progress: show progress bars.
     """
-    from baobab.cli import parse_run_config
+    from baobab.train.flags import parse_run_config
 
     cfg = parse_run_config(["--recipe", "quickstart"])
     cfg.data.path = data_dir

@@ -14,14 +14,14 @@
 # --python: the environment whose versions are carried; --out: another folder (then pass it
 # to gpu_check.sh --carry); --python-version: the target interpreter (the GPU image: 3.12).
 #
-# Then carry the folder: the device tool's `run` with carry ["benchmarks/gpu_carry"] and the
-# command `bash benchmarks/gpu_check.sh`. Everything that travels must stay under 64 MiB.
+# Then copy the working tree with this folder to the GPU machine and run
+# `bash benchmarks/gpu_check.sh` there. The folder stays under 64 MiB.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # Roots only: pip resolves what they need. torch, numpy, tokenizers, safetensors, xxhash,
 # jinja2, prometheus_client, pyyaml, tqdm, matplotlib, scikit-learn, pyarrow, pillow and
-# pytest are in the GPU machine's image (/work/.library/device/KINDS.md) and none of the roots
+# pytest are in the GPU machine's image and none of the roots
 # needs them, except PyYAML (small; carried at this environment's version).
 ROOTS=("jsonargparse[signatures]" docstring-parser fastapi uvicorn openai)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64
