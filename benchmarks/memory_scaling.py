@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = dict(vocab_size=32000, n_layer=20, n_head=16, n_kv_head=4, d_model=1024,
              ffn_hidden=2816, max_seq_len=256, tie_embeddings=False)  # fmt: skip
@@ -166,7 +168,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         corpus = _corpus(Path(tmp))
-        for world in args.ranks:
+        for world in tqdm(args.ranks, desc="FSDP-1/2/4 runs", unit="run"):  # minutes each
             ranks = launch(world, Path(tmp) / f"fsdp{world}", corpus, args)
             plan = planned(corpus, world, args)
             measured = max(r["peak_above_baseline"] for r in ranks)
