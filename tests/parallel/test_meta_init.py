@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import torch
 from meta_init_worker import LAYOUTS, MODEL, SEED, reference
 from numerics import LOSS_RTOL, assert_losses_close
+from ranks import free_port
 
 from baobab.export import save_exported
 from baobab.models import build_model
@@ -30,12 +30,6 @@ from baobab.models import build_model
 WORKER = Path(__file__).with_name("meta_init_worker.py")
 TIMEOUT_S = 150  # a hang fails the test instead of blocking the suite
 SLACK = 1024  # bytes
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +43,7 @@ def launched(tmp_path_factory) -> tuple[dict, dict[int, dict]]:
     start = build_model(MODEL[0], seed=SEED, **MODEL[1])  # the init, as a fine-tune's base
     save_exported(start, out / "export", {"name": MODEL[0], "family": "gpt", "config": MODEL[1]}, None)  # fmt: skip
     for _ in range(2):  # the free port may be taken before rank 0 binds it: retry once
-        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
         procs = [
             subprocess.Popen(

@@ -14,63 +14,26 @@ checked on another machine than the one the tolerances were measured on.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from numerics import FLOAT32, KERNELS, LOSS_RTOL, Tolerance, assert_losses_close, failures
 from parallel_worker import LAYOUTS, PARAM_TOL, reference
+from ranks import launch_ranks
 
 WORKER = Path(__file__).with_name("parallel_worker.py")
 TIMEOUT_S = 150  # per launch; a hang fails the tests instead of blocking the suite
 WORLD_KERNELS = {2: "default", 4: "avx2"}  # the workers' KERNELS, by world size
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, names: list[str], out: Path) -> dict[int, dict]:
     out.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "WORLD_SIZE": str(world),
-        "OMP_NUM_THREADS": "1",
-        **KERNELS[WORLD_KERNELS[world]],
-    }
     for name in names:  # the single-process runs, with this process's kernels
         torch.save(reference(name), out / f"ref_{name}.pt")
-    procs = []
-    for rank in range(world):
-        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, str(WORKER), str(out), ",".join(names)]
-        procs.append((subprocess.Popen(cmd, env={**env, "RANK": str(rank)}, stdout=log,
-                                       stderr=subprocess.STDOUT), log))  # fmt: skip
-    deadline = time.monotonic() + TIMEOUT_S
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    results = {}
-    for rank in range(world):
-        path = out / f"rank{rank}.json"
-        logs = (out / f"log{rank}.txt").read_text()[-3000:]
-        results[rank] = json.loads(path.read_text()) if path.exists() else {"_log": logs}
-        results[rank]["_log"] = logs
-    return results
+    cmd = [sys.executable, str(WORKER), str(out), ",".join(names)]
+    return launch_ranks(cmd, world, out, KERNELS[WORLD_KERNELS[world]], TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -80,10 +43,7 @@ def launched(tmp_path_factory) -> dict[int, dict[int, dict]]:
     class Launches(dict):
         def __missing__(self, world: int) -> dict[int, dict]:
             names = [n for n, (w, _, _) in LAYOUTS.items() if w == world]
-            for _ in range(2):  # the free port may be taken before rank 0 binds it: retry once
-                self[world] = _launch(world, names, tmp_path_factory.mktemp(f"world{world}"))
-                if "address already in use" not in str(self[world]).lower():
-                    break
+            self[world] = _launch(world, names, tmp_path_factory.mktemp(f"world{world}"))
             return self[world]
 
     return Launches()

@@ -12,16 +12,13 @@ peak within 15% of it.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from plan_worker import CONFIGS, run_config
+from ranks import launch_ranks
 
 from baobab import models
 from baobab.cli import main
@@ -35,45 +32,11 @@ TOLERANCE = 0.15
 PARTS = ("parameters", "gradients", "optimizer", "activations", "peak")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _launch(out: Path, corpus: Path, names: list[str]) -> dict[int, dict]:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
-           "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}  # fmt: skip
-    procs = []
-    for rank in range(2):
-        log = open(out / f"log{rank}.txt", "w")  # noqa: SIM115 (closed below)
-        cmd = [sys.executable, str(WORKER), str(out), str(corpus), ",".join(names)]
-        rank_env = {**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        procs.append((subprocess.Popen(cmd, env=rank_env, stdout=log, stderr=subprocess.STDOUT), log))  # fmt: skip
-    deadline = time.monotonic() + 240
-    for proc, log in procs:
-        try:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
-    results = {}
-    for rank in range(2):
-        path, logs = out / f"rank{rank}.json", (out / f"log{rank}.txt").read_text()[-3000:]
-        results[rank] = json.loads(path.read_text()) if path.exists() else {}
-        results[rank]["_log"] = logs
-    return results
-
-
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory, tiny_corpus) -> dict[int, dict]:
     out = tmp_path_factory.mktemp("plan_memtracker")
-    for _ in range(2):  # the free port may be taken before rank 0 binds it: retry once
-        results = _launch(out, tiny_corpus, list(CONFIGS))
-        if "address already in use" not in str(results).lower():
-            return results
-    return results
+    cmd = [sys.executable, str(WORKER), str(out), str(tiny_corpus), ",".join(CONFIGS)]
+    return launch_ranks(cmd, 2, out)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
