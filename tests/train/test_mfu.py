@@ -33,7 +33,7 @@ SPIN = (  # numpy starts faster than torch; one BLAS thread each (environment be
 ONE_THREAD = {name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
 
-def args(corpus: Path, run_dir: Path, steps: int = 6) -> list[str]:
+def args(corpus: Path, run_dir: Path, steps: int) -> list[str]:
     return [
         "--model.name", "gpt-nano", "--data.path", str(corpus), "--data.seq_len", "64",
         "--data.batch_size", "8", "--optim.name", "adamw", "--train.max_steps", str(steps),
@@ -64,7 +64,8 @@ def best_matmul_rate(seconds: float = 0.5, size: int = 512) -> float:
 
 
 def test_a_run_started_on_a_busy_machine_reports_the_mfu_of_a_quiet_one(tiny_corpus, tmp_path):
-    quiet = build_trainer(parse_run_config(args(tiny_corpus, tmp_path / "quiet")))
+    # Both runs are as long, so both probe their peak as often (the peak only rises).
+    quiet = build_trainer(parse_run_config(args(tiny_corpus, tmp_path / "quiet", steps=120)))
     quiet.fit()
     busy = [
         subprocess.Popen(
@@ -98,13 +99,17 @@ def test_a_run_started_on_a_busy_machine_reports_the_mfu_of_a_quiet_one(tiny_cor
             process.wait()
     # MFU = tok/s x FLOPs per token / peak: at the same throughput, the two runs report
     # MFUs in the ratio of their peaks (the throughput itself varies on a shared machine).
+    # The defect read the peak low under load, so the MFU high: the busy start's peak must
+    # not end below the quiet one's (by more than the probes' spread here; it may end higher,
+    # since a peak only rises with more probes).
     flops = quiet.flops_per_item
-    quiet_peak = statistics.median(peaks(tmp_path / "quiet", flops))
-    loaded_peak = statistics.median(peaks(loaded_dir, flops))
-    assert abs(loaded_peak / quiet_peak - 1) <= 0.15, (loaded_peak, quiet_peak)
-    # Nothing outruns the peak a busy start ends with: not even pure matmuls, quiet.
-    last_peak = peaks(loaded_dir, flops)[-1]
-    assert best_matmul_rate() <= last_peak, (best_matmul_rate(), last_peak)
+    quiet_peak = statistics.median(peaks(tmp_path / "quiet", flops)[-20:])
+    loaded_peak = statistics.median(peaks(loaded_dir, flops)[-20:])
+    assert loaded_peak >= 0.85 * quiet_peak, (loaded_peak, quiet_peak)
+    # Nothing outruns the peak a busy start ends with: not even pure matmuls, quiet (within
+    # the two probes' spread on a shared machine; the defect read 2-4x low).
+    last_peak, matmuls = peaks(loaded_dir, flops)[-1], best_matmul_rate()
+    assert matmuls <= 1.15 * last_peak, (matmuls, last_peak)
 
 
 def test_known_peaks_match_the_gpu_names_torch_reports():
