@@ -52,6 +52,10 @@ class EngineConfig:
         pack_weights: on CPU, reorder large float32 linear weights once for oneDNN
             (memory-bound batch-1 decode at full speed); off, every linear runs through MKL.
             Either way a row's result does not depend on the batch size.
+        prefix_caching: keep the keys and values of full prompt blocks after their request
+            ends (content-hashed, least recently used evicted first) and let a new request
+            whose prompt starts the same copy them instead of computing them; outputs are
+            the same bits with it on or off.
         separate_process: run the engine in its own (spawned) process, as vLLM's engine
             core: the HTTP process keeps the event loop and streams, and the engine's steps
             never wait on its GIL. Off: an engine thread in the calling process (tests,
@@ -68,6 +72,7 @@ class EngineConfig:
     dtype: str | None = None
     threads: int = 0
     pack_weights: bool = True
+    prefix_caching: bool = True
     separate_process: bool = True
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from baobab.models.gpt import GPT
 from baobab.serve.config import EngineConfig
 from baobab.serve.detokenize import IncrementalDetokenizer
 from baobab.serve.kv_cache import num_blocks_for
+from baobab.serve.prefix_cache import block_hashes
 from baobab.serve.runner import ModelRunner, SeqInput
 from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
 from baobab.serve.scheduler import SchedRequest, Scheduler
@@ -59,8 +60,10 @@ class Request(SchedRequest):
         tokenizer: Tokenizer,
         stop_ids: frozenset[int],
         device: torch.device,
+        block_hashes: list[bytes],
     ) -> None:
         super().__init__(request_id, len(prompt_ids), params.max_tokens)
+        self.block_hashes = block_hashes
         self.params = params
         self.token_ids = list(prompt_ids)  # prompt + output; num_tokens == len(token_ids)
         self.num_output = 0
@@ -90,6 +93,7 @@ class Engine:
             config.max_num_batched_tokens,
             config.prefill_chunk_size,
             config.max_queue,
+            config.prefix_caching,
         )
         self.context_length = cfg.max_seq_len
         # Prompt ids must be real tokens. Sampling covers the model's whole vocabulary, as
@@ -113,16 +117,25 @@ class Engine:
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos and self.eos_token_id is not None:
             stop_ids.add(self.eos_token_id)
+        prompt_ids = [int(t) for t in prompt_ids]
         seq = Request(
             request_id,
-            [int(t) for t in prompt_ids],
+            prompt_ids,
             params,
             self.tokenizer,
             frozenset(stop_ids),
             self.runner.device,
+            self._block_hashes(prompt_ids),
         )
         self.scheduler.add(seq)  # QueueFullError, duplicate id
         self._seqs[request_id] = seq
+
+    def _block_hashes(self, prompt_ids: list[int]) -> list[bytes]:
+        """Hashes of the prompt's blocks in whole chunks (what prefix caching can hold)."""
+        cache = self.scheduler.prefix
+        if cache is None:
+            return []
+        return block_hashes(prompt_ids, cache.block_size, cache.cacheable_tokens(len(prompt_ids)))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Drop a request now (its cache is free for the next step); its final output, or
@@ -151,7 +164,10 @@ class Engine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         total = s.blocks.num_blocks
+        prefix = s.prefix
         return EngineStats(
+            prefix_cache_queries=prefix.queries if prefix is not None else 0,
+            prefix_cache_hits=prefix.hits if prefix is not None else 0,
             running=s.num_running,
             waiting=s.num_waiting,
             kv_cache_usage=s.blocks_used / total,
@@ -166,6 +182,8 @@ class Engine:
         plan = self.scheduler.schedule()
         if not plan:
             return []
+        for blocks, first in self.scheduler.take_copies():
+            self.runner.cache.copy_blocks(blocks, first)
         inputs = [
             SeqInput(
                 s.request.block * self.scheduler.block_size,

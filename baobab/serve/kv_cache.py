@@ -68,6 +68,16 @@ class KVCache:
         self.k[layer].index_copy_(1, positions, k)
         self.v[layer].index_copy_(1, positions, v)
 
+    def copy_blocks(self, blocks: list[int], first: int) -> None:
+        """Copy the keys and values of ``blocks`` to the run of blocks from ``first``, in
+        every layer (prefix caching: a request's reused prefix into its own run)."""
+        size = self.block_size
+        src = torch.tensor([b * size + i for b in blocks for i in range(size)])
+        dst = torch.arange(first * size, (first + len(blocks)) * size)
+        src, dst = src.to(self.k[0].device), dst.to(self.k[0].device)
+        for cache in (*self.k, *self.v):
+            cache.index_copy_(1, dst, cache.index_select(1, src))
+
     def view(self, layer: int, base: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at positions base..base+length-1: (1, Hkv, length, D) views."""
         size = (1, self.heads, length, self.head_dim)

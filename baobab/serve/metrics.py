@@ -11,6 +11,8 @@ baobab_requests_running                    gauge      requests holding KV cache
 baobab_requests_waiting                    gauge      requests queued for admission
 baobab_kv_cache_usage_ratio                gauge      fraction of KV-cache blocks in use
 baobab_kv_cache_blocks_used / _total       gauge      KV-cache blocks in use / in all
+baobab_prefix_cache_queries_total          counter    prompt tokens looked up in the cache
+baobab_prefix_cache_hits_total             counter    of which found there (not computed)
 baobab_prompt_tokens_total                 counter    prompt tokens admitted
 baobab_generation_tokens_total             counter    tokens generated
 baobab_requests_finished_total             counter    engine requests, by finish_reason
@@ -27,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from baobab.serve.types import EngineStats
@@ -39,12 +41,13 @@ _LATENCY_BUCKETS = (
 
 
 class _EngineGauges(Collector):
-    """Gauges read from the engine at each scrape (nothing while no model is loaded)."""
+    """Gauges (and the engine's own counters) read from the engine at each scrape (nothing
+    while no model is loaded)."""
 
     def __init__(self, source: Callable[[], tuple[str, EngineStats] | None]) -> None:
         self._source = source
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         current = self._source()
         if current is None:
             return
@@ -59,6 +62,13 @@ class _EngineGauges(Collector):
             family = GaugeMetricFamily(name, doc, labels=["model"])
             family.add_metric([model], float(value))
             yield family
+        for name, doc, value in (
+            ("baobab_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
+            ("baobab_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
+        ):  # fmt: skip
+            counter = CounterMetricFamily(name, doc, labels=["model"])
+            counter.add_metric([model], float(value))
+            yield counter
 
 
 class ServerMetrics:

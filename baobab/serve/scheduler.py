@@ -15,6 +15,12 @@ Policy, in order, within one step:
    the budget left. The blocks are reserved whole at admission, so a running request never
    runs out of cache and nothing is ever preempted.
 
+With prefix caching (``prefix_cache.py``), admission first looks up the prompt's cached
+full blocks: a hit sets the request's ``num_computed`` past them, its plan starts there,
+and the copies into its run are handed to the engine (:meth:`Scheduler.take_copies`)
+before the step runs. Cached blocks nobody references are evicted, least recently used
+first, only when a reservation cannot be placed otherwise.
+
 A prompt advances only to a multiple of ``prefill_chunk_size`` (or to its end): its chunk
 boundaries are then the same whatever else is scheduled, so its numerics are too. A
 request that cannot advance this step blocks those behind it (first come, first served).
@@ -28,6 +34,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import NamedTuple
 
+from baobab.serve.prefix_cache import PrefixCache
 from baobab.serve.types import QueueFullError
 
 
@@ -49,6 +56,12 @@ class SchedRequest:
     block: int | None = None  # first block of its run while it holds cache
     num_blocks: int = 0
     finished: bool = field(default=False)
+    # Prefix caching: the chained hashes of the prompt's blocks that lie in whole chunks,
+    # whether it may start from cached blocks (not when every prompt row's logits are
+    # wanted), and which blocks of its own run it put in the cache.
+    block_hashes: list[bytes] = field(default_factory=list)
+    reuse_prefix: bool = True
+    cached_blocks: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.num_tokens < 0:
@@ -95,6 +108,10 @@ class BlockAllocator:
         """Lengths of the free runs in the order ``allocate`` tries them."""
         return [length for _, length in self._free]
 
+    def free_runs(self) -> list[list[int]]:
+        """The free runs as [start, length], by start."""
+        return [list(run) for run in self._free]
+
     def free(self, start: int, n: int) -> None:
         i = bisect.bisect_left(self._free, [start, 0])
         self._free.insert(i, [start, n])
@@ -116,6 +133,7 @@ class Scheduler:
         max_num_batched_tokens: int,
         prefill_chunk_size: int,
         max_queue: int,
+        prefix_caching: bool = False,
     ) -> None:
         if prefill_chunk_size > max_num_batched_tokens:
             raise ValueError(
@@ -131,6 +149,8 @@ class Scheduler:
         self.waiting: deque[SchedRequest] = deque()
         self.running: list[SchedRequest] = []  # in admission order
         self._by_id: dict[str, SchedRequest] = {}
+        self.prefix = PrefixCache(block_size, prefill_chunk_size) if prefix_caching else None
+        self._copies: list[tuple[list[int], int]] = []  # (cached blocks, first block to fill)
 
     # ------------------------------------------------------------------ requests in and out
     def add(self, request: SchedRequest) -> None:
@@ -168,9 +188,18 @@ class Scheduler:
         return request
 
     def finish(self, request: SchedRequest) -> None:
-        """A running request is done: its blocks are free for the next step."""
+        """A running request is done: its blocks are free for the next step, but those it
+        put in the prefix cache, which stay there unreferenced until evicted."""
         self.running.remove(request)
-        self.blocks.free(request.block, request.num_blocks)
+        start, end = request.block, request.block + request.num_blocks
+        if request.cached_blocks:
+            self.prefix.release(request.cached_blocks)
+            for block in request.cached_blocks:  # the runs between cached blocks
+                if block > start:
+                    self.blocks.free(start, block - start)
+                start = block + 1
+        if end > start:
+            self.blocks.free(start, end - start)
         self._release(request)
 
     def blocks_needed(self, request: SchedRequest) -> int:
@@ -211,18 +240,56 @@ class Scheduler:
                 budget -= n
         while self.waiting and len(self.running) < self.max_num_seqs:
             r = self.waiting[0]
+            hits = self._lookup(r)
+            r.num_computed = len(hits) * self.block_size
             n = self._prefill_span(r, budget)
-            if n == 0:
+            block = self._allocate(self.blocks_needed(r), hits) if n else None
+            if block is None:  # no budget, or no run of free blocks long enough yet:
+                r.num_computed = 0  # r waits, and so do the rest
                 break
-            block = self.blocks.allocate(self.blocks_needed(r))
-            if block is None:
-                break  # no run of free blocks is long enough yet: r waits, and so do the rest
             self.waiting.popleft()
             r.block, r.num_blocks = block, self.blocks_needed(r)
             self.running.append(r)
             plan.append(self._prefill(r, n))
             budget -= n
+            if self.prefix is not None and r.reuse_prefix:
+                self.prefix.queries += r.prompt_len
+                self.prefix.hits += r.num_computed
+            if hits:  # referenced until the engine has copied them
+                self.prefix.acquire(hits)
+                self._copies.append((hits, block))
         return plan
+
+    def _lookup(self, r: SchedRequest) -> list[int]:
+        if self.prefix is None or not r.reuse_prefix:
+            return []
+        return self.prefix.lookup(r.block_hashes, r.prompt_len)
+
+    def _allocate(self, n: int, keep: list[int]) -> int | None:
+        """The first block of a run of ``n`` blocks, evicting unreferenced cached blocks (least
+        recently used first; never ``keep``, whose copies are pending) when no free run is
+        long enough but one would be; None when not even that would be."""
+        block = self.blocks.allocate(n)
+        if block is not None or self.prefix is None or not self.prefix.num_evictable:
+            return block
+        self.prefix.acquire(keep)  # referenced: not evictable
+        try:
+            if max(self._run_lengths(), default=0) < n:
+                return None
+            while block is None:
+                self.blocks.free(self.prefix.evict(), 1)
+                block = self.blocks.allocate(n)
+            return block
+        finally:
+            self.prefix.release(keep)
+
+    def take_copies(self) -> list[tuple[list[int], int]]:
+        """The copies admission planned: each (cached blocks, first block of the run they
+        go to, in order). The engine makes them before the step's forward."""
+        copies, self._copies = self._copies, []
+        for hits, _ in copies:  # copied before anything else runs: the engine is one thread
+            self.prefix.release(hits)
+        return copies
 
     @staticmethod
     def _prefill(r: SchedRequest, n: int) -> ScheduledSeq:
@@ -230,9 +297,18 @@ class Scheduler:
         return ScheduledSeq(r, r.num_computed, n, r.num_computed + n == r.num_tokens)
 
     def update(self, plan: list[ScheduledSeq]) -> None:
-        """The planned tokens' keys and values are now in the cache."""
+        """The planned tokens' keys and values are now in the cache; prompt blocks that now
+        lie in whole computed chunks go into the prefix cache."""
         for s in plan:
-            s.request.num_computed = s.start + s.num_tokens
+            r = s.request
+            was = r.num_computed
+            r.num_computed = s.start + s.num_tokens
+            if self.prefix is not None and was < r.prompt_len and r.block_hashes:
+                done = self.prefix.cacheable_tokens(min(r.num_computed, r.prompt_len))
+                first = self.prefix.cacheable_tokens(was) // self.block_size
+                for i in range(first, min(done // self.block_size, len(r.block_hashes))):
+                    if self.prefix.register(r.block_hashes[i], r.block + i):
+                        r.cached_blocks.append(r.block + i)
 
     # ------------------------------------------------------------------------- gauges
     @property
@@ -245,7 +321,25 @@ class Scheduler:
 
     @property
     def blocks_used(self) -> int:
-        return self.blocks.used
+        """Blocks that requests hold or whose copies are pending (cached blocks nobody
+        references count as free: they are evicted as soon as the room is needed)."""
+        return self.blocks.used - (self.prefix.num_evictable if self.prefix is not None else 0)
+
+    def _run_lengths(self) -> list[int]:
+        """Lengths of the free runs, in block order, counting unreferenced cached blocks as
+        free (``free_run_lengths`` when nothing is cached)."""
+        if self.prefix is None or not self.prefix.num_evictable:
+            return self.blocks.free_run_lengths()
+        spans = sorted(
+            [*self.blocks.free_runs(), *([b, 1] for b in self.prefix.evictable_blocks())]
+        )
+        runs: list[list[int]] = []
+        for start, length in spans:
+            if runs and runs[-1][0] + runs[-1][1] == start:
+                runs[-1][1] += length
+            else:
+                runs.append([start, length])
+        return [length for _, length in runs]
 
     def free_slots(self) -> int:
         """Requests that could start running now, the waiting ones first (they go first):
@@ -254,7 +348,7 @@ class Scheduler:
         requests ahead of the first one that would not. The prefill budget is not counted
         (it delays a request by a few steps, it does not keep it out)."""
         slots = self.max_num_seqs - len(self.running)
-        runs = self.blocks.free_run_lengths()  # first fit, as allocate() does
+        runs = self._run_lengths()  # first fit, as allocate() does
         for started, request in enumerate(islice(self.waiting, slots)):
             need = self.blocks_needed(request)
             i = next((i for i, length in enumerate(runs) if length >= need), None)

@@ -130,3 +130,6 @@ class EngineStats:
     # blocks, the waiting requests ahead of it. What admission counts as room beside
     # max_queue (see EngineClient._admit); 0 is the safe default (room = max_queue only).
     free_slots: int = 0
+    # Prefix caching, since start-up: prompt tokens looked up at admission, and found cached.
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
