@@ -29,6 +29,16 @@ def sample_next(
     """Pick one token per row of ``logits`` (B, V) -> (B,). temperature 0 is greedy."""
     if temperature < GREEDY_BELOW:  # dividing by a tiny temperature overflows to inf
         return logits.argmax(-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(
+    logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> torch.Tensor:
+    """The distribution ``sample_next`` draws from: float32 (B, V) probabilities of ``logits``
+    (B, V) at ``temperature`` (> 0), cut to the ``top_k`` most likely and the ``top_p``
+    nucleus."""
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
@@ -41,8 +51,7 @@ def sample_next(
         drop_sorted[..., 0] = False  # even for top_p ~ 0 the most likely token stays
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 class _Recompute:

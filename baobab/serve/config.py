@@ -56,6 +56,12 @@ class EngineConfig:
             ends (content-hashed, least recently used evicted first) and let a new request
             whose prompt starts the same copy them instead of computing them; outputs are
             the same bits with it on or off.
+        speculative: "off", or "ngram" (prompt lookup: propose what followed the last
+            matching n-gram of the context, ``ngram_max`` down to ``ngram_min`` tokens long);
+            setting ``draft`` (an export directory of a small model with the target's
+            tokenizer, vocabulary and context) proposes with that model instead.
+        num_speculative_tokens: most tokens proposed per request and step; all are verified
+            in one target forward, and greedy output is the same bits as without.
         separate_process: run the engine in its own (spawned) process, as vLLM's engine
             core: the HTTP process keeps the event loop and streams, and the engine's steps
             never wait on its GIL. Off: an engine thread in the calling process (tests,
@@ -73,6 +79,11 @@ class EngineConfig:
     threads: int = 0
     pack_weights: bool = True
     prefix_caching: bool = True
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
+    draft: str | None = None
     separate_process: bool = True
 
     def __post_init__(self) -> None:
@@ -103,6 +114,23 @@ class EngineConfig:
             )
         if self.dtype is not None:
             check_choice("EngineConfig", "dtype", self.dtype, DTYPES)
+        check_choice("EngineConfig", "speculative", self.speculative, ("off", "ngram"))
+        check_positive(
+            "EngineConfig",
+            num_speculative_tokens=self.num_speculative_tokens,
+            ngram_min=self.ngram_min,
+            ngram_max=self.ngram_max,
+        )
+        if self.ngram_min > self.ngram_max:
+            raise ValueError(
+                f"EngineConfig.ngram_min ({self.ngram_min}) must be at most ngram_max "
+                f"({self.ngram_max})."
+            )
+        if self.draft is not None and self.speculative != "off":
+            raise ValueError(
+                "EngineConfig.draft proposes with a draft model; leave speculative 'off' with it "
+                f"(got '{self.speculative}')."
+            )
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
             raise ValueError(
                 f"EngineConfig.threads must be 0 (chosen by model size) or a positive integer; "

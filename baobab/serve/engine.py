@@ -11,6 +11,8 @@ round at a time, on a thread (``async_engine.py``) or in a process (``engine_pro
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from baobab.data.tokenizer import Tokenizer
@@ -22,12 +24,15 @@ from baobab.serve.prefix_cache import block_hashes
 from baobab.serve.runner import ModelRunner, SeqInput
 from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
 from baobab.serve.scheduler import SchedRequest, Scheduler
+from baobab.serve.speculative import DraftProposer, NgramProposer, accept, target_probs
 from baobab.serve.types import (
     EngineStats,
     PromptTooLongError,
     RequestOutput,
     SamplingParams,
+    SpecStats,
     TokenLogprob,
+    merge_outputs,
 )
 
 
@@ -70,12 +75,15 @@ class Request(SchedRequest):
         self.stop_ids = stop_ids
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.draft_computed = 0  # positions whose draft-model keys and values are valid
 
 
 class Engine:
     """Continuous batching over a GPT export: add requests, abort them, ``step()``."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, config: EngineConfig) -> None:
+    def __init__(
+        self, model: GPT, tokenizer: Tokenizer, config: EngineConfig, draft: GPT | None = None
+    ) -> None:
         if not isinstance(model, GPT):
             raise ValueError(f"the engine serves gpt models; got a {type(model).__name__}.")
         self.config = config
@@ -102,6 +110,14 @@ class Engine:
         self.vocab_size = min(tokenizer.vocab_size, cfg.vocab_size)
         self.eos_token_id: int | None = tokenizer.eot_id
         self._seqs: dict[str, Request] = {}
+        self.proposer: NgramProposer | DraftProposer | None = None
+        if draft is not None:
+            self.proposer = DraftProposer(
+                draft, num_blocks, config.block_size, config.prefill_chunk_size, config.pack_weights
+            )
+        elif config.speculative == "ngram":
+            self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
+        self.spec_stats = SpecStats()
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -168,6 +184,7 @@ class Engine:
         return EngineStats(
             prefix_cache_queries=prefix.queries if prefix is not None else 0,
             prefix_cache_hits=prefix.hits if prefix is not None else 0,
+            spec=dataclasses.replace(self.spec_stats),
             running=s.num_running,
             waiting=s.num_waiting,
             kv_cache_usage=s.blocks_used / total,
@@ -193,9 +210,60 @@ class Engine:
             )
             for s in plan
         ]
-        logits = self.runner.execute(inputs)  # (N, V)
+        proposed = self._propose(plan)  # {index in plan: (proposals, draft distributions)}
+        for i, (tokens, _) in proposed.items():
+            inputs[i] = inputs[i]._replace(token_ids=[*inputs[i].token_ids, *tokens], verify=True)
+        logits = self.runner.execute(inputs)  # (N, V): one row per sample, k + 1 per verify
         self.scheduler.update(plan)
-        return self._update([s.request for s in plan if s.sample], logits)
+        if not proposed:
+            return self._update([s.request for s in plan if s.sample], logits)
+        rows, verified, sampled, row = [], [], [], 0
+        for i, s in enumerate(plan):
+            if i in proposed:
+                n = len(inputs[i].token_ids)
+                verified.append((s, logits[row : row + n], *proposed[i]))
+                row += n
+            elif s.sample:
+                sampled.append(s.request)
+                rows.append(row)
+                row += 1
+        outputs = self._update(sampled, logits[rows])
+        return outputs + [self._verify(*v) for v in verified]
+
+    def _propose(self, plan: list) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+        """Speculative proposals for the plan's decodes that can take them: up to
+        ``num_speculative_tokens``, never past ``max_tokens``."""
+        if self.proposer is None:
+            return {}
+        wanted = []
+        for i, s in enumerate(plan):
+            r = s.request
+            k = min(self.config.num_speculative_tokens, r.params.max_tokens - r.num_output - 1)
+            if s.sample and not s.request.is_prefill and k > 0 and r.params.logprobs is None:
+                wanted.append((i, r, k))
+        if isinstance(self.proposer, NgramProposer):
+            found = ((i, self.proposer.propose(r.token_ids, k)) for i, r, k in wanted)
+            return {i: (tokens, None) for i, tokens in found if tokens}
+        bs = self.scheduler.block_size
+        drafts = self.proposer.propose([(r, r.block * bs, k) for _, r, k in wanted])
+        return {i: d for (i, _, _), d in zip(wanted, drafts)}
+
+    def _verify(self, s, logits: torch.Tensor, proposals: list[int], draft) -> RequestOutput:
+        """Keep what the target accepts of ``proposals`` (``speculative.accept``), emit it
+        plus one token, and roll the request's computed count back to the kept tokens."""
+        r: Request = s.request
+        tokens = accept(target_probs(logits, r.params), proposals, draft, r.params, r.generator)
+        r.num_computed = s.start + len(tokens)  # the last token and the accepted proposals
+        r.draft_computed = min(r.draft_computed, r.num_computed)
+        self.spec_stats.drafts += 1
+        self.spec_stats.draft_tokens += len(proposals)
+        self.spec_stats.accepted_tokens += len(tokens) - 1
+        outputs = []
+        for token in tokens:
+            outputs.append(self._append(r, token, None))
+            if outputs[-1].finished:
+                break
+        return merge_outputs(outputs)
 
     def _update(self, seqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:

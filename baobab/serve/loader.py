@@ -20,6 +20,7 @@ from baobab.export.quantize import load_quantized
 from baobab.serve.classifier import AsyncClassifier, class_labels, image_shape
 from baobab.serve.config import EngineConfig
 from baobab.serve.engine import Engine
+from baobab.serve.speculative import check_draft
 
 
 def weight_bytes(path: Path) -> int:
@@ -42,7 +43,24 @@ def load_engine(path: Path, config: EngineConfig, model: torch.nn.Module | None 
     """The :class:`Engine` over a checked gpt export (what the engine process runs)."""
     if model is None:
         model = _load_model(path, read_config(path), config)
-    return Engine(model, Tokenizer.load(path / TOKENIZER_FILE), config)
+    draft = None if config.draft is None else _load_draft(Path(config.draft), path, model, config)
+    return Engine(model, Tokenizer.load(path / TOKENIZER_FILE), config, draft)
+
+
+def _load_draft(draft_dir: Path, path: Path, model: torch.nn.Module, config: EngineConfig):
+    """The draft model of ``--engine.draft``: a gpt export with the target's tokenizer,
+    vocabulary and context (ValueError, one sentence, otherwise)."""
+    if not (draft_dir / TOKENIZER_FILE).is_file():
+        raise ValueError(
+            f"--engine.draft '{draft_dir}' is not a gpt export with a {TOKENIZER_FILE}."
+        )
+    meta = read_config(draft_dir)
+    if (meta.get("model") or {}).get("family") != "gpt":
+        raise ValueError(f"--engine.draft '{draft_dir}' does not hold a gpt model.")
+    draft = _load_model(draft_dir, meta, config)
+    same = (draft_dir / TOKENIZER_FILE).read_text(), (path / TOKENIZER_FILE).read_text()
+    check_draft(model.cfg, draft.cfg, same[1], same[0])
+    return draft
 
 
 def load_classifier(path: Path, meta: dict, config: EngineConfig, name: str) -> AsyncClassifier:

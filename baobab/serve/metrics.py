@@ -13,6 +13,11 @@ baobab_kv_cache_usage_ratio                gauge      fraction of KV-cache block
 baobab_kv_cache_blocks_used / _total       gauge      KV-cache blocks in use / in all
 baobab_prefix_cache_queries_total          counter    prompt tokens looked up in the cache
 baobab_prefix_cache_hits_total             counter    of which found there (not computed)
+baobab_spec_decode_drafts_total            counter    speculative verify steps (per request)
+baobab_spec_decode_draft_tokens_total      counter    tokens proposed
+baobab_spec_decode_accepted_tokens_total   counter    of which accepted
+baobab_spec_decode_acceptance_ratio        gauge      accepted / proposed, since start-up
+baobab_spec_decode_tokens_per_step         gauge      tokens a verify step emits, on average
 baobab_prompt_tokens_total                 counter    prompt tokens admitted
 baobab_generation_tokens_total             counter    tokens generated
 baobab_requests_finished_total             counter    engine requests, by finish_reason
@@ -58,6 +63,8 @@ class _EngineGauges(Collector):
             ("baobab_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", stats.kv_cache_usage),
             ("baobab_kv_cache_blocks_used", "KV-cache blocks in use.", stats.kv_cache_blocks_used),
             ("baobab_kv_cache_blocks_total", "KV-cache blocks in all.", stats.kv_cache_blocks_total),
+            ("baobab_spec_decode_acceptance_ratio", "Speculative tokens accepted / proposed.", stats.spec.acceptance_rate),
+            ("baobab_spec_decode_tokens_per_step", "Tokens per speculative verify step.", stats.spec.tokens_per_step),
         ):  # fmt: skip
             family = GaugeMetricFamily(name, doc, labels=["model"])
             family.add_metric([model], float(value))
@@ -65,6 +72,9 @@ class _EngineGauges(Collector):
         for name, doc, value in (
             ("baobab_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
             ("baobab_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
+            ("baobab_spec_decode_drafts", "Speculative verify steps.", stats.spec.drafts),
+            ("baobab_spec_decode_draft_tokens", "Speculative tokens proposed.", stats.spec.draft_tokens),
+            ("baobab_spec_decode_accepted_tokens", "Speculative tokens accepted.", stats.spec.accepted_tokens),
         ):  # fmt: skip
             counter = CounterMetricFamily(name, doc, labels=["model"])
             counter.add_metric([model], float(value))

@@ -300,6 +300,9 @@ class SeqInput(NamedTuple):
     start: int
     token_ids: Sequence[int]
     sample: bool  # return the logits of the last token
+    # Speculative verification: every token is its own one-query piece (the bits of a plain
+    # decode step at its position) and every row's logits are returned.
+    verify: bool = False
 
 
 class _Piece(NamedTuple):
@@ -442,7 +445,7 @@ class ModelRunner:
         for s in seqs:
             a, end = s.start, s.start + len(s.token_ids)
             while a < end:
-                b = min(end, (a // self.chunk + 1) * self.chunk)
+                b = a + 1 if s.verify else min(end, (a // self.chunk + 1) * self.chunk)
                 n = b - a
                 if n == 1 and _bucket(b) <= self.gather_max_keys:
                     single.setdefault(_bucket(b), []).append((row, s.base, b))
@@ -471,8 +474,8 @@ class ModelRunner:
     def execute(self, seqs: Sequence[SeqInput], all_logits: bool = False) -> torch.Tensor:
         """Compute the scheduled tokens, store their keys and values, return logits.
 
-        Returns float32 (N, V): one row per ``seq`` with ``sample`` set, in order, or with
-        ``all_logits`` one row per scheduled token (tests).
+        Returns float32 (N, V): one row per ``seq`` with ``sample`` set and one per token of
+        a ``verify`` seq, in order, or with ``all_logits`` one row per scheduled token.
         """
         cfg, model, dev = self.cfg, self.model, self.device
         ids, positions, where, out_rows = [], [], [], []
@@ -486,7 +489,7 @@ class ModelRunner:
             ids.extend(s.token_ids)
             positions.extend(range(s.start, s.start + n))
             where.extend(range(s.base + s.start, s.base + s.start + n))
-            if all_logits:
+            if all_logits or s.verify:
                 out_rows.extend(range(len(ids) - n, len(ids)))
             elif s.sample:
                 out_rows.append(len(ids) - 1)

@@ -117,6 +117,24 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
 
 
 @dataclass
+class SpecStats:
+    """Speculative decoding since start-up: verify steps, tokens proposed, tokens accepted."""
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens a verify step emits on average: the accepted ones plus one."""
+        return (self.accepted_tokens + self.drafts) / self.drafts if self.drafts else 0.0
+
+
+@dataclass
 class EngineStats:
     """Gauges the server exports on /metrics."""
 
@@ -133,3 +151,4 @@ class EngineStats:
     # Prefix caching, since start-up: prompt tokens looked up at admission, and found cached.
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    spec: SpecStats = field(default_factory=SpecStats)
