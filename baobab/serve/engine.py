@@ -3,7 +3,10 @@
 A step is ``schedule() -> execute() -> update()`` (DESIGN principle 7): the scheduler picks
 how many tokens each request advances, the runner computes them in one batched forward and
 returns the logits of the requests that sample, and the update samples, detokenizes,
-checks stop conditions and frees the KV cache of finished requests.
+checks stop conditions and frees the KV cache of finished requests. A request that asks for
+prompt logprobs also gets every row of its prompt chunks scored as they are computed
+(log_softmax + top-k, chunk by chunk), handed out with its first output; one for 0 tokens
+finishes once its prompt is computed.
 
 The engine is single-threaded; :class:`~baobab.serve.engine_core.EngineCore` drives it one
 round at a time, on a thread (``async_engine.py``) or in a process (``engine_process.py``).
@@ -37,8 +40,8 @@ def check_request(
     a model of ``context_length`` positions and ``vocab_size`` prompt ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty; send at least one token.")
-    if params.max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1; got {params.max_tokens}.")
+    if params.max_tokens < 0:
+        raise ValueError(f"max_tokens must be at least 0; got {params.max_tokens}.")
     if len(prompt_ids) + params.max_tokens > context_length:
         raise PromptTooLongError(len(prompt_ids), params.max_tokens, context_length)
     bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
@@ -67,6 +70,15 @@ class Request(SchedRequest):
         self.stop_ids = stop_ids
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        # Prompt logprobs as the prefill chunks are scored (the first token has none), until
+        # the first output takes them.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            None if params.prompt_logprobs is None else [None]
+        )
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        taken, self.prompt_logprobs = self.prompt_logprobs, None
+        return taken
 
 
 class Engine:
@@ -172,16 +184,50 @@ class Engine:
                 s.start,
                 s.request.token_ids[s.start : s.start + s.num_tokens],
                 s.sample,
+                s.request.prompt_logprobs is not None and s.request.is_prefill,
             )
             for s in plan
         ]
         logits = self.runner.execute(inputs)  # (N, V)
         self.scheduler.update(plan)
+        logits = self._score_prompts([s.request for s in plan], inputs, logits)  # (S, V)
         return self._update([s.request for s in plan if s.sample], logits)
+
+    def _score_prompts(
+        self, seqs: list[Request], inputs: list[SeqInput], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Add the prompt logprobs of the ``all_rows`` chunks to their requests; the rows
+        left (S, V), one per input with ``sample`` set, in order."""
+        if not any(inp.all_rows for inp in inputs):
+            return logits
+        sampling_rows, row = [], 0
+        for seq, inp in zip(seqs, inputs):
+            n = len(inp.token_ids) if inp.all_rows else int(inp.sample)
+            if inp.all_rows:
+                # Row j scores prompt token start + j + 1; the last chunk's last row scores
+                # the first sampled token instead.
+                scored = min(n, seq.prompt_len - 1 - inp.start)
+                targets = seq.token_ids[inp.start + 1 : inp.start + 1 + scored]
+                if targets:
+                    k = seq.params.prompt_logprobs
+                    found = top_logprobs(logits[row : row + scored], targets, [k] * scored)
+                    seq.prompt_logprobs += [
+                        self._token_logprob(t, lp, top) for t, (lp, top) in zip(targets, found)
+                    ]
+            if inp.sample:
+                sampling_rows.append(row + n - 1)
+            row += n
+        return logits[sampling_rows]
 
     def _update(self, seqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:
             return []
+        outputs = [self._finish_unsampled(s) for s in seqs if s.params.max_tokens == 0]
+        if outputs:  # prompts only scored: their rows are not sampled
+            kept = [i for i, s in enumerate(seqs) if s.params.max_tokens > 0]
+            seqs, logits = [seqs[i] for i in kept], logits[kept]
+            if not seqs:
+                return outputs
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
@@ -191,7 +237,10 @@ class Engine:
             )
             for i, (lp, top) in zip(want, found):
                 logprobs[i] = self._token_logprob(tokens[i], lp, top)
-        return [self._append(s, t, logprobs.get(i)) for i, (s, t) in enumerate(zip(seqs, tokens))]
+        outputs += [
+            self._append(s, t, logprobs.get(i)) for i, (s, t) in enumerate(zip(seqs, tokens))
+        ]
+        return outputs
 
     def _token_logprob(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprob:
         text = self.tokenizer.decode([token])
@@ -226,4 +275,19 @@ class Engine:
             logprobs=[logprob] if logprob is not None else None,
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_output,
+            prompt_logprobs=seq.take_prompt_logprobs(),
+        )
+
+    def _finish_unsampled(self, seq: Request) -> RequestOutput:
+        """A request for 0 tokens whose prompt is computed (and scored): done."""
+        self.scheduler.finish(seq)
+        del self._seqs[seq.request_id]
+        return RequestOutput(
+            seq.request_id,
+            [],
+            "",
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=seq.prompt_len,
+            prompt_logprobs=seq.take_prompt_logprobs(),
         )
