@@ -3,7 +3,10 @@
 A step is ``schedule() -> execute() -> update()`` (DESIGN principle 7): the scheduler picks
 how many tokens each request advances, the runner computes them in one batched forward and
 returns the logits of the requests that sample, and the update samples, detokenizes,
-checks stop conditions and frees the KV cache of finished requests.
+checks stop conditions and frees the KV cache of finished requests. A request that asks for
+prompt logprobs also gets every row of its prompt chunks scored as they are computed
+(log_softmax + top-k, chunk by chunk), handed out with its first output; one for 0 tokens
+finishes once its prompt is computed.
 
 The engine is single-threaded; :class:`~baobab.serve.engine_core.EngineCore` drives it one
 round at a time, on a thread (``async_engine.py``) or in a process (``engine_process.py``).
@@ -43,8 +46,8 @@ def check_request(
     a model of ``context_length`` positions and ``vocab_size`` prompt ids."""
     if not prompt_ids:
         raise ValueError("the prompt is empty; send at least one token.")
-    if params.max_tokens < 1:
-        raise ValueError(f"max_tokens must be at least 1; got {params.max_tokens}.")
+    if params.max_tokens < 0:
+        raise ValueError(f"max_tokens must be at least 0; got {params.max_tokens}.")
     if len(prompt_ids) + params.max_tokens > context_length:
         raise PromptTooLongError(len(prompt_ids), params.max_tokens, context_length)
     bad = next((t for t in prompt_ids if not 0 <= t < vocab_size), None)
@@ -76,6 +79,17 @@ class Request(SchedRequest):
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
         self.draft_computed = 0  # positions whose draft-model keys and values are valid
+        # Prompt logprobs need every prompt row computed: no prefix reused.
+        self.reuse_prefix = params.prompt_logprobs is None
+        # Prompt logprobs as the prefill chunks are scored (the first token has none), until
+        # the first output takes them.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            None if params.prompt_logprobs is None else [None]
+        )
+
+    def take_prompt_logprobs(self) -> list[TokenLogprob | None] | None:
+        taken, self.prompt_logprobs = self.prompt_logprobs, None
+        return taken
 
 
 class Engine:
@@ -207,6 +221,7 @@ class Engine:
                 s.start,
                 s.request.token_ids[s.start : s.start + s.num_tokens],
                 s.sample,
+                s.request.prompt_logprobs is not None and s.request.is_prefill,
             )
             for s in plan
         ]
@@ -215,18 +230,20 @@ class Engine:
             inputs[i] = inputs[i]._replace(token_ids=[*inputs[i].token_ids, *tokens], verify=True)
         logits = self.runner.execute(inputs)  # (N, V): one row per sample, k + 1 per verify
         self.scheduler.update(plan)
-        if not proposed:
+        if not proposed and not any(inp.all_rows for inp in inputs):
             return self._update([s.request for s in plan if s.sample], logits)
         rows, verified, sampled, row = [], [], [], 0
-        for i, s in enumerate(plan):
-            if i in proposed:
-                n = len(inputs[i].token_ids)
+        for i, (s, inp) in enumerate(zip(plan, inputs)):
+            n = len(inp.token_ids) if inp.all_rows or inp.verify else int(inp.sample)
+            if inp.verify:
                 verified.append((s, logits[row : row + n], *proposed[i]))
-                row += n
-            elif s.sample:
-                sampled.append(s.request)
-                rows.append(row)
-                row += 1
+            else:
+                if inp.all_rows:
+                    self._score_prompt(s.request, inp, logits[row : row + n])
+                if inp.sample:
+                    sampled.append(s.request)
+                    rows.append(row + n - 1)
+            row += n
         outputs = self._update(sampled, logits[rows])
         return outputs + [self._verify(*v) for v in verified]
 
@@ -265,9 +282,28 @@ class Engine:
                 break
         return merge_outputs(outputs)
 
+    def _score_prompt(self, seq: Request, inp: SeqInput, logits: torch.Tensor) -> None:
+        """Add the prompt logprobs of one ``all_rows`` chunk (its rows' ``logits``) to
+        ``seq``: row j scores prompt token start + j + 1; the last chunk's last row scores
+        the first sampled token instead."""
+        scored = min(len(inp.token_ids), seq.prompt_len - 1 - inp.start)
+        targets = seq.token_ids[inp.start + 1 : inp.start + 1 + scored]
+        if targets:
+            k = seq.params.prompt_logprobs
+            found = top_logprobs(logits[:scored], targets, [k] * scored)
+            seq.prompt_logprobs += [
+                self._token_logprob(t, lp, top) for t, (lp, top) in zip(targets, found)
+            ]
+
     def _update(self, seqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:
             return []
+        outputs = [self._finish_unsampled(s) for s in seqs if s.params.max_tokens == 0]
+        if outputs:  # prompts only scored: their rows are not sampled
+            kept = [i for i, s in enumerate(seqs) if s.params.max_tokens > 0]
+            seqs, logits = [seqs[i] for i in kept], logits[kept]
+            if not seqs:
+                return outputs
         tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
@@ -277,7 +313,10 @@ class Engine:
             )
             for i, (lp, top) in zip(want, found):
                 logprobs[i] = self._token_logprob(tokens[i], lp, top)
-        return [self._append(s, t, logprobs.get(i)) for i, (s, t) in enumerate(zip(seqs, tokens))]
+        outputs += [
+            self._append(s, t, logprobs.get(i)) for i, (s, t) in enumerate(zip(seqs, tokens))
+        ]
+        return outputs
 
     def _token_logprob(self, token: int, lp: float, top: list[tuple[int, float]]) -> TokenLogprob:
         text = self.tokenizer.decode([token])
@@ -312,4 +351,19 @@ class Engine:
             logprobs=[logprob] if logprob is not None else None,
             prompt_tokens=seq.prompt_len,
             completion_tokens=seq.num_output,
+            prompt_logprobs=seq.take_prompt_logprobs(),
+        )
+
+    def _finish_unsampled(self, seq: Request) -> RequestOutput:
+        """A request for 0 tokens whose prompt is computed (and scored): done."""
+        self.scheduler.finish(seq)
+        del self._seqs[seq.request_id]
+        return RequestOutput(
+            seq.request_id,
+            [],
+            "",
+            finished=True,
+            finish_reason="length",
+            prompt_tokens=seq.prompt_len,
+            prompt_logprobs=seq.take_prompt_logprobs(),
         )

@@ -63,6 +63,7 @@ class _Choice:
     tokens: int = 0
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # echo + logprobs
 
 
 # ---------------------------------------------------------------- requests -> engine
@@ -213,6 +214,8 @@ async def _collect(ctx: Context, rid: str, streams: list, arrival: float) -> lis
         c.text += out.text
         c.tokens += len(out.token_ids)
         c.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             c.finish_reason = out.finish_reason
     return choices
@@ -275,8 +278,12 @@ def _usage(prompt: int, completion: int) -> p.Usage:
 # ---------------------------------------------------------------- /v1/completions
 
 
-def _legacy_logprobs(lps: list[TokenLogprob], offset: int) -> p.CompletionLogprobs:
-    out = p.CompletionLogprobs()
+def _legacy_logprobs(
+    lps: list[TokenLogprob], offset: int, out: p.CompletionLogprobs | None = None
+) -> p.CompletionLogprobs:
+    """``lps`` in the legacy shape, appended to ``out`` (or a new one); ``offset``: where
+    the first token's text starts in the choice's text."""
+    out = out or p.CompletionLogprobs()
     for lp in lps:
         out.tokens.append(lp.token)
         out.token_logprobs.append(p.finite(lp.logprob))
@@ -284,6 +291,15 @@ def _legacy_logprobs(lps: list[TokenLogprob], offset: int) -> p.CompletionLogpro
         out.text_offset.append(offset)
         offset += len(lp.token)
     return out
+
+
+def _echoed_logprobs(lps: list[TokenLogprob | None], first: str) -> p.CompletionLogprobs:
+    """The echoed prompt's logprobs: its first token (text ``first``) has none, as nothing
+    precedes it (OpenAI's nulls); the engine scored the others (``lps[1:]``)."""
+    out = p.CompletionLogprobs(
+        tokens=[first], token_logprobs=[None], top_logprobs=[None], text_offset=[0]
+    )
+    return _legacy_logprobs(lps[1:], len(first), out)
 
 
 async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
@@ -300,9 +316,24 @@ async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
         prompt, prompt_text = req.prompt, await prompts.off_loop(tok.decode, req.prompt)
     max_tokens = _max_tokens(req.max_tokens, len(prompt), engine.context_length)
     params = _params(req, ctx, max_tokens, req.logprobs)
+    first_token = ""
+    if req.echo and req.logprobs is not None:  # the prompt's logprobs too
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+        first_token = tok.decode(prompt[:1])
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n or 1
     streams = _submit(ctx, rid, prompt, params, n)
     prefix = prompt_text if req.echo else ""
+
+    def choice_logprobs(
+        lps: list[TokenLogprob], prompt_lps: list | None, offset: int
+    ) -> p.CompletionLogprobs | None:
+        if req.logprobs is None:
+            return None
+        if prompt_lps is None:
+            return _legacy_logprobs(lps, offset)
+        # Offsets run on from the prompt's token texts, as vLLM's do.
+        echoed = _echoed_logprobs(prompt_lps, first_token)
+        return _legacy_logprobs(lps, sum(map(len, echoed.tokens)), echoed)
 
     def response(choices: list[p.CompletionChoice], usage: p.Usage | None = None):
         return p.CompletionResponse(
@@ -313,7 +344,7 @@ async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
         done = await _run(ctx, request, _collect(ctx, rid, streams, arrival))
         choices = []
         for i, c in enumerate(done):
-            lp = None if req.logprobs is None else _legacy_logprobs(c.logprobs, len(prefix))
+            lp = choice_logprobs(c.logprobs, c.prompt_logprobs, len(prefix))
             choices.append(
                 p.CompletionChoice(
                     index=i, text=prefix + c.text, logprobs=lp, finish_reason=c.finish_reason
@@ -329,12 +360,12 @@ async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
             text = out.text
             if echo_pending[i]:
                 text, echo_pending[i] = prefix + text, False
-            if not (text or out.finished or out.logprobs):
+            if not (text or out.finished or out.logprobs or out.prompt_logprobs):
                 continue  # the detokenizer holds back a partial character
-            lp = None
-            if req.logprobs is not None:
-                lp = _legacy_logprobs(out.logprobs or [], offsets[i])
-                offsets[i] += sum(len(x.token) for x in out.logprobs or [])
+            # OpenAI streams the echoed prompt, and its logprobs, in a choice's first chunk.
+            lp = choice_logprobs(out.logprobs or [], out.prompt_logprobs, offsets[i])
+            if lp is not None and lp.tokens:
+                offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
             reason = out.finish_reason if out.finished else None
             choice = p.CompletionChoice(index=i, text=text, logprobs=lp, finish_reason=reason)
             yield _sse(response([choice]))

@@ -236,17 +236,24 @@ class CompletionRequest(_Sampling):
         Text | Annotated[list[NonNegInt], Field(min_length=1, max_length=MAX_PROMPT_IDS)],
         WrapValidator(_prompt),
     ] = Field(description="The text to continue, or its token ids.")
-    max_tokens: _int(ge=1) | None = Field(16, description="At most this many new tokens.")
+    max_tokens: _int(ge=0) | None = Field(
+        16, description="At most this many new tokens; 0 (with echo): the prompt alone."
+    )
     logprobs: _int(ge=0, le=MAX_LOGPROBS) | None = Field(
-        None, description="Return the sampled token's and k alternatives."
+        None,
+        description="Return each token's logprob and k alternatives (with echo: the prompt's "
+        "too, the first token's null).",
     )
     echo: bool | None = Field(False, description="Prepend the prompt to each choice's text.")
 
     @model_validator(mode="after")
-    def _echo_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None:
+    def _no_tokens_needs_echo(self) -> CompletionRequest:
+        # As vLLM: max_tokens 0 is OpenAI's legacy way to score a prompt (echo + logprobs).
+        if self.max_tokens == 0 and not self.echo:
             raise _refused(
-                "echo", "'echo' with 'logprobs' is not supported: prompt logprobs are not computed"
+                "max_tokens",
+                "'max_tokens' must be at least 1 unless 'echo' is true (0 then returns the "
+                "prompt alone)",
             )
         return self
 
@@ -345,7 +352,9 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """The legacy completions shape: parallel lists, one entry per generated token."""
+    """The legacy completions shape: parallel lists, one entry per token of the choice's
+    text (with echo: the prompt's, whose first token has null logprobs, then the
+    generated ones)."""
 
     tokens: list[str] = Field(default_factory=list)
     token_logprobs: list[float | None] = Field(default_factory=list)

@@ -300,6 +300,7 @@ class SeqInput(NamedTuple):
     start: int
     token_ids: Sequence[int]
     sample: bool  # return the logits of the last token
+    all_rows: bool = False  # return the logits of every token (prompt logprobs)
     # Speculative verification: every token is its own one-query piece (the bits of a plain
     # decode step at its position) and every row's logits are returned.
     verify: bool = False
@@ -474,8 +475,10 @@ class ModelRunner:
     def execute(self, seqs: Sequence[SeqInput], all_logits: bool = False) -> torch.Tensor:
         """Compute the scheduled tokens, store their keys and values, return logits.
 
-        Returns float32 (N, V): one row per ``seq`` with ``sample`` set and one per token of
-        a ``verify`` seq, in order, or with ``all_logits`` one row per scheduled token.
+        Returns float32 (N, V), in ``seqs`` order: every token's row for a ``seq`` with
+        ``all_rows`` or ``verify`` set (or for all of them with ``all_logits``: tests), else its last
+        token's row if ``sample`` is set. A row's bits do not depend on which others are
+        returned (the head is row-invariant).
         """
         cfg, model, dev = self.cfg, self.model, self.device
         ids, positions, where, out_rows = [], [], [], []
@@ -489,7 +492,7 @@ class ModelRunner:
             ids.extend(s.token_ids)
             positions.extend(range(s.start, s.start + n))
             where.extend(range(s.base + s.start, s.base + s.start + n))
-            if all_logits or s.verify:
+            if all_logits or s.all_rows or s.verify:
                 out_rows.extend(range(len(ids) - n, len(ids)))
             elif s.sample:
                 out_rows.append(len(ids) - 1)

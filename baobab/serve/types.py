@@ -68,6 +68,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's + top-k
+    # None: none; k >= 0: each prompt token's logprob + top-k, on the first output (vLLM's
+    # name). With max_tokens 0 the prompt is only scored: nothing is sampled.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -95,6 +98,9 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None  # one per token in token_ids, when asked
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
+    # One per prompt token, the first None (nothing precedes it); on a request's first
+    # output only, when SamplingParams.prompt_logprobs asks for them.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
@@ -113,6 +119,7 @@ def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
         logprobs=logprobs if any(out.logprobs is not None for out in outputs) else None,
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
+        prompt_logprobs=outputs[0].prompt_logprobs,
     )
 
 

@@ -49,7 +49,6 @@ BAD_BODIES = [
     ({"prompt": [1, 2, 100000]}, "prompt"),  # outside the vocabulary
     ({"prompt": []}, "prompt"),
     ({"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),  # not implemented
-    ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ({"max_tokens": 3}, "prompt"),
 ]
 
