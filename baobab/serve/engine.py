@@ -21,6 +21,7 @@ from baobab.serve.kv_cache import num_blocks_for
 from baobab.serve.runner import ModelRunner, SeqInput
 from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
 from baobab.serve.scheduler import SchedRequest, Scheduler
+from baobab.serve.structured import Grammars, consume
 from baobab.serve.types import (
     EngineStats,
     PromptTooLongError,
@@ -67,6 +68,7 @@ class Request(SchedRequest):
         self.stop_ids = stop_ids
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
+        self.matcher = None  # the llguidance matcher of params.grammar (structured.py)
 
 
 class Engine:
@@ -98,6 +100,7 @@ class Engine:
         self.vocab_size = min(tokenizer.vocab_size, cfg.vocab_size)
         self.eos_token_id: int | None = tokenizer.eot_id
         self._seqs: dict[str, Request] = {}
+        self.grammars = Grammars(tokenizer)  # structured output's matchers
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -121,6 +124,8 @@ class Engine:
             frozenset(stop_ids),
             self.runner.device,
         )
+        if params.grammar is not None:
+            seq.matcher = self.grammars.matcher(params.grammar)  # ValueError
         self.scheduler.add(seq)  # QueueFullError, duplicate id
         self._seqs[request_id] = seq
 
@@ -182,7 +187,9 @@ class Engine:
     def _update(self, seqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
         if not seqs:
             return []
-        tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # Grammar rows sample from a masked copy; logprobs stay the raw logits' (as vLLM's).
+        masked = self.grammars.mask(logits, [s.matcher for s in seqs])
+        tokens = sample_rows(masked, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if want:
@@ -210,10 +217,11 @@ class Engine:
             text, reason = seq.detok.finish(), "stop"
         else:
             text = seq.detok.add([token])
+            complete = seq.matcher is not None and consume(seq.matcher, token)
             if seq.detok.stop_string is not None:
                 reason = "stop"
-            elif seq.num_output >= seq.params.max_tokens:
-                text, reason = text + seq.detok.finish(), "length"
+            elif complete or seq.num_output >= seq.params.max_tokens:
+                text, reason = text + seq.detok.finish(), "stop" if complete else "length"
         if reason is not None:
             self.scheduler.finish(seq)
             del self._seqs[seq.request_id]

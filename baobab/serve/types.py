@@ -68,6 +68,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False  # benchmarks: always produce max_tokens tokens
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's + top-k
+    # Structured output: an llguidance grammar (JSON text, structured.grammar_for) the
+    # completion must match; None: free text.
+    grammar: str | None = None
 
 
 @dataclass
