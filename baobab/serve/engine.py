@@ -28,6 +28,7 @@ from baobab.serve.runner import ModelRunner, SeqInput
 from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
 from baobab.serve.scheduler import SchedRequest, Scheduler
 from baobab.serve.speculative import DraftProposer, NgramProposer, accept, target_probs
+from baobab.serve.structured import Grammars, consume
 from baobab.serve.types import (
     EngineStats,
     PromptTooLongError,
@@ -79,6 +80,7 @@ class Request(SchedRequest):
         self.generator = make_generator(params.seed, device) if params.temperature > 0 else None
         self.detok = IncrementalDetokenizer(tokenizer, params.stop)
         self.draft_computed = 0  # positions whose draft-model keys and values are valid
+        self.matcher = None  # the llguidance matcher of params.grammar (structured.py)
         # Prompt logprobs need every prompt row computed: no prefix reused.
         self.reuse_prefix = params.prompt_logprobs is None
         # Prompt logprobs as the prefill chunks are scored (the first token has none), until
@@ -132,6 +134,7 @@ class Engine:
         elif config.speculative == "ngram":
             self.proposer = NgramProposer(config.ngram_min, config.ngram_max)
         self.spec_stats = SpecStats()
+        self.grammars = Grammars(tokenizer)  # structured output's matchers
 
     # ------------------------------------------------------------------ requests
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
@@ -157,6 +160,8 @@ class Engine:
             self.runner.device,
             self._block_hashes(prompt_ids),
         )
+        if params.grammar is not None:
+            seq.matcher = self.grammars.matcher(params.grammar)  # ValueError
         self.scheduler.add(seq)  # QueueFullError, duplicate id
         self._seqs[request_id] = seq
 
@@ -256,7 +261,9 @@ class Engine:
         for i, s in enumerate(plan):
             r = s.request
             k = min(self.config.num_speculative_tokens, r.params.max_tokens - r.num_output - 1)
-            if s.sample and not s.request.is_prefill and k > 0 and r.params.logprobs is None:
+            # Not for logprobs or a grammar: those read or mask one row at a time.
+            plain = r.params.logprobs is None and r.matcher is None
+            if s.sample and not r.is_prefill and k > 0 and plain:
                 wanted.append((i, r, k))
         if isinstance(self.proposer, NgramProposer):
             found = ((i, self.proposer.propose(r.token_ids, k)) for i, r, k in wanted)
@@ -304,7 +311,9 @@ class Engine:
             seqs, logits = [seqs[i] for i in kept], logits[kept]
             if not seqs:
                 return outputs
-        tokens = sample_rows(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        # Grammar rows sample from a masked copy; logprobs stay the raw logits' (as vLLM's).
+        masked = self.grammars.mask(logits, [s.matcher for s in seqs])
+        tokens = sample_rows(masked, [s.params for s in seqs], [s.generator for s in seqs])
         want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         logprobs: dict[int, TokenLogprob] = {}
         if want:
@@ -335,10 +344,11 @@ class Engine:
             text, reason = seq.detok.finish(), "stop"
         else:
             text = seq.detok.add([token])
+            complete = seq.matcher is not None and consume(seq.matcher, token)
             if seq.detok.stop_string is not None:
                 reason = "stop"
-            elif seq.num_output >= seq.params.max_tokens:
-                text, reason = text + seq.detok.finish(), "length"
+            elif complete or seq.num_output >= seq.params.max_tokens:
+                text, reason = text + seq.detok.finish(), "stop" if complete else "length"
         if reason is not None:
             self.scheduler.finish(seq)
             del self._seqs[seq.request_id]

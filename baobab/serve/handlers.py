@@ -26,6 +26,7 @@ from baobab.serve import protocol as p
 from baobab.serve.chat import ChatTemplate, ChatTemplateError
 from baobab.serve.errors import APIError, error_body
 from baobab.serve.metrics import ServerMetrics
+from baobab.serve.structured import UnsupportedSchemaError, grammar_for
 from baobab.serve.types import (
     PromptTooLongError,
     QueueFullError,
@@ -111,6 +112,18 @@ def _params(
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
     )
+
+
+async def _grammar(req: p._Sampling) -> str | None:
+    """The grammar of the request's ``response_format`` (compiled in the tokenizer thread:
+    a large schema takes a while), None for text; a 400 naming what llguidance refuses."""
+    if req.response_format is None or req.response_format.type == "text":
+        return None
+    response_format = req.response_format.model_dump(by_alias=True)
+    try:
+        return await prompts.off_loop(grammar_for, response_format)
+    except UnsupportedSchemaError as err:
+        raise APIError(400, str(err), param=err.param) from None
 
 
 def _submit(ctx: Context, rid: str, prompt: list[int], params: SamplingParams, n: int) -> list:
@@ -320,6 +333,7 @@ async def completion(ctx: Context, req: p.CompletionRequest, request: Request):
     if req.echo and req.logprobs is not None:  # the prompt's logprobs too
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
         first_token = tok.decode(prompt[:1])
+    params.grammar = await _grammar(req)
     rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n or 1
     streams = _submit(ctx, rid, prompt, params, n)
     prefix = prompt_text if req.echo else ""
@@ -417,6 +431,7 @@ async def chat_completion(ctx: Context, req: p.ChatCompletionRequest, request: R
     max_tokens = _max_tokens(requested, len(prompt), engine.context_length)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     params = _params(req, ctx, max_tokens, logprobs)
+    params.grammar = await _grammar(req)
     rid, created, n = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), req.n or 1
     streams = _submit(ctx, rid, prompt, params, n)
 

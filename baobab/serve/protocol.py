@@ -47,7 +47,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "frequency_penalty": (0,),
     "tools": ([],),
     "functions": ([],),
-    "response_format": ({"type": "text"},),  # OpenAI's default: plain text
 }
 
 
@@ -195,6 +194,39 @@ class StreamOptions(BaseModel):
     )
 
 
+class JsonSchema(BaseModel):
+    # populate_by_name: the field is ``schema_`` in Python (``schema`` is a BaseModel
+    # method) and ``schema`` in JSON.
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")] = Field(
+        description="The schema's name (letters, digits, _ and -; at most 64)."
+    )
+    description: str | None = None
+    schema_: dict[str, Any] = Field(
+        alias="schema", description="The JSON Schema every choice's text must match."
+    )
+    strict: bool | None = Field(
+        None, description="Accepted; the schema is always enforced (strict or not)."
+    )
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: one model rather than a union, so that an error's path
+    is the request's own (``response_format.json_schema.name``)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="text (the default), any JSON object, or JSON matching json_schema."
+    )
+    json_schema: JsonSchema | None = Field(None, description="Needed by type json_schema.")
+
+    @model_validator(mode="after")
+    def _schema_for_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+
 class _Sampling(_Request):
     """Sampling fields shared by completions and chat completions."""
 
@@ -224,6 +256,11 @@ class _Sampling(_Request):
         False, description="Keep generating past the end-of-text token (benchmarks; extension)."
     )
     user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        None,
+        description="Structured output: text (default), json_object or json_schema "
+        "(OpenAI's shape); the output is constrained token by token.",
+    )
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

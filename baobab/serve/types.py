@@ -71,6 +71,9 @@ class SamplingParams:
     # None: none; k >= 0: each prompt token's logprob + top-k, on the first output (vLLM's
     # name). With max_tokens 0 the prompt is only scored: nothing is sampled.
     prompt_logprobs: int | None = None
+    # Structured output: an llguidance grammar (JSON text, structured.grammar_for) the
+    # completion must match; None: free text.
+    grammar: str | None = None
 
 
 @dataclass
