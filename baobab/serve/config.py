@@ -62,6 +62,10 @@ class EngineConfig:
             tokenizer, vocabulary and context) proposes with that model instead.
         num_speculative_tokens: most tokens proposed per request and step; all are verified
             in one target forward, and greedy output is the same bits as without.
+        ngram_min: the shortest n-gram prompt lookup matches (``speculative`` "ngram").
+        ngram_max: the longest n-gram it tries first.
+        draft: an export directory whose model proposes the tokens (a draft model); it
+            must share the target's tokenizer, vocabulary size and context length.
         separate_process: run the engine in its own (spawned) process, as vLLM's engine
             core: the HTTP process keeps the event loop and streams, and the engine's steps
             never wait on its GIL. Off: an engine thread in the calling process (tests,

@@ -295,7 +295,8 @@ def build_app(
             model = await asyncio.to_thread(served) if callable(served) else served
             state.set_served(model)
         except Exception as err:
-            state.fail(f"the model could not be loaded: {err}")
+            said, lead = str(err), "the model could not be loaded"  # the engine process's
+            state.fail(said if said.startswith(lead) else f"{lead}: {said}")  # says it already
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
