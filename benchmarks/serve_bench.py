@@ -3,9 +3,9 @@
 For each model (gpt-mini and the gpt2-124m shape by default), in one run:
 
 1. the weights are written as a baobab export (served by ``baobab serve`` in child
-   processes on loopback ports), its int8 weight-only twin (``quantize_export``) and a
-   Hugging Face directory (``baobab.export.export_hf``), which ``transformers`` loads in
-   this process and warms up;
+   processes on loopback ports), its int8 and int4 weight-only twins
+   (``quantize_export``) and a Hugging Face directory (``baobab.export.export_hf``),
+   which ``transformers`` loads in this process and warms up;
 2. ``--rounds`` rounds (3), each running every row below back to back, so that each ratio
    is taken within a round (this shared VM's speed moves by a quarter from minute to
    minute) and the median round counts (every round is printed too). ``baobab bench
@@ -18,7 +18,7 @@ For each model (gpt-mini and the gpt2-124m shape by default), in one run:
      distinct questions, at 1 and the top concurrency, with prefix caching on and off;
    - ``corpus``: windows of the standard library's source from a prepared corpus built
      here, at 1 and the top concurrency, and at batch 1 with n-gram speculative decoding;
-   - ``fixed`` at batch 1 on the int8 export;
+   - ``fixed`` at batch 1 on the int8 and int4 exports;
    - the copy bandwidth (STREAM-style) around the fixed levels: the higher of the two over
      the weight bytes read per token is the batch-1 decode limit;
    - HF ``generate`` while the servers idle: one static batch of the top concurrency's

@@ -23,6 +23,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 WORKLOADS = ("fixed", "random", "shared-prefix", "corpus")
 CORPUS_EXTENSIONS = (".txt", ".py", ".md", ".jsonl", ".parquet")
 # Text read from a corpus, at most: plenty of distinct windows, and a bounded start-up.
@@ -106,25 +108,25 @@ def corpus_texts(path: str | Path, max_chars: int = CORPUS_MAX_CHARS) -> list[st
     from baobab.data.sources import find_files, iter_documents
 
     path = Path(path)
-    texts, chars = [], 0
     if (path / MANIFEST_NAME).is_file():
         manifest = Manifest.load(path)
         tokenizer, eot = manifest.tokenizer(), manifest.eot_id
+        # The val split's first max_chars ids (a token holds at least one character): its
+        # documents, each followed by end-of-text (the last maybe cut), decoded to text.
+        parts, count = [], 0
         for shard in manifest.open_tokens("val"):
-            ids = shard[: max(0, max_chars - chars)].tolist()  # ~1 char per token at least
-            docs = [[]]
-            for i in ids:  # documents end with end-of-text
-                if i == eot:
-                    docs.append([])
-                else:
-                    docs[-1].append(i)
-            for doc in docs:
-                if doc:
-                    texts.append(tokenizer.decode(doc))
-                    chars += len(texts[-1])
-            if chars >= max_chars:
+            parts.append(np.asarray(shard[: max_chars - count]))
+            count += len(parts[-1])
+            if count >= max_chars:
                 break
-        return texts
+        ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        bounds = [-1, *np.flatnonzero(ids == eot).tolist(), len(ids)]
+        return [
+            tokenizer.decode(ids[a + 1 : b].tolist())
+            for a, b in zip(bounds, bounds[1:])
+            if b > a + 1
+        ]
+    texts, chars = [], 0
     for file in find_files([path], CORPUS_EXTENSIONS):
         for text in iter_documents(file):
             texts.append(text[: max_chars - chars])
