@@ -1,278 +1,222 @@
-"""Serving throughput and latency: ``baobab serve`` against Hugging Face ``generate``.
+"""Serving throughput and latency: ``baobab serve`` against Hugging Face and llama.cpp.
 
-For each model (gpt-mini and the gpt2-124m shape by default):
+For each model (gpt-mini and the gpt2-124m shape by default), in one run:
 
-1. the weights are written twice: as a baobab export (served by ``baobab serve`` in a child
-   process on a loopback port) and as a Hugging Face directory (``baobab.export.export_hf``),
+1. the weights are written as a baobab export (served by ``baobab serve`` in child
+   processes on loopback ports), its int8 and int4 weight-only twins
+   (``quantize_export``) and a Hugging Face directory (``baobab.export.export_hf``),
    which ``transformers`` loads in this process and warms up;
-2. ``--rounds`` rounds (3) of:
+2. ``--rounds`` rounds (3), each running every row below back to back, so that each ratio
+   is taken within a round (this shared VM's speed moves by a quarter from minute to
+   minute) and the median round counts (every round is printed too). ``baobab bench
+   serve``'s workloads (``baobab.serve.bench_workloads``; ``--input-len`` 32 and
+   ``--output-len`` 64 nominal):
 
-   - ``baobab bench serve`` (``baobab.serve.bench``): random prompts of ``--input-len``
-     tokens asking for exactly ``--output-len`` tokens, at concurrency 1, 4 and 16;
-   - the copy bandwidth (STREAM-style, bytes read + written) just before and just after
-     those levels; the higher of the two (the stricter limit) over the weight bytes read
-     per token is the batch-1 limit the concurrency-1 decode rate is compared with;
-   - HF ``generate`` (greedy, fixed output length) of one static batch of as many prompts
-     as the top concurrency, while the server idles;
+   - ``fixed`` and ``random`` (lengths ½x to 1½x, ``--random-range-ratio``) at every
+     ``--concurrency`` (1, 4, 16);
+   - ``shared-prefix``: a 512-token system prompt (less where the context is shorter) +
+     distinct questions, at 1 and the top concurrency, with prefix caching on and off;
+   - ``corpus``: windows of the standard library's source from a prepared corpus built
+     here, at 1 and the top concurrency, and at batch 1 with n-gram speculative decoding;
+   - ``fixed`` at batch 1 on the int8 and int4 exports;
+   - the copy bandwidth (STREAM-style) around the fixed levels: the higher of the two over
+     the weight bytes read per token is the batch-1 decode limit;
+   - HF ``generate`` while the servers idle: one static batch of the top concurrency's
+     fixed prompts, and the random workload's requests in static batches of the top
+     concurrency padded to their longest request;
 
-   this shared VM's speed moves by a quarter from minute to minute, so each ratio is taken
-   within a round and the median round counts (every round is printed too);
-3. HF ``generate`` of ``--hf-requests`` prompts one at a time, after the server stopped;
-4. greedy text from the server must equal Hugging Face's on the same prompts.
+3. HF ``generate`` of ``--hf-requests`` prompts one at a time;
+4. greedy text from the server must equal Hugging Face's, and speculative decoding's the
+   plain server's.
+
+Rows for EngineConfig fields this baobab lacks (``prefix_caching``, ``speculative``) print
+``skipped: <why>``. Then llama.cpp on the 88M Llama shape (d768, 12 layers, vocab 4096,
+random weights): the export goes through ``baobab hf export`` and llama.cpp's own
+``convert_hf_to_gguf.py`` (``benchmarks/llama_gguf.py``) to f32 and q8_0 GGUF files, served
+by ``llama-server -np TOP`` beside baobab's fp32 and int8 servers, all driven by the same
+load generator; it needs ``$BAOBAB_LLAMA_SERVER`` (a ``llama-server`` binary) and
+``$BAOBAB_LLAMA_CPP_DIR`` (its source tree), and prints why it is skipped without them.
 
 gpt-mini uses the quickstart checkpoint when ``runs/quickstart`` exists (run ``baobab
-quickstart`` first), otherwise a seeded random init; gpt2-124m is a seeded random init
-with a byte-level BPE of its vocabulary size trained here on the standard library's
-source, so that (nearly) every id it picks is text: time to first token is measured at the
-first streamed text. Results: a table on stdout and JSON under
-``benchmarks/results/``.
+quickstart`` first), otherwise a seeded random init; the other shapes are seeded random
+inits with a byte-level BPE of their vocabulary size trained here on the standard library's
+source, so that (nearly) every id they pick is text. Results: tables on stdout and JSON
+under ``benchmarks/results/``.
 
-    python benchmarks/serve_bench.py [--models gpt-mini gpt2-124m] [--output-len 64]
+    python benchmarks/serve_bench.py [--models gpt-mini gpt2-124m] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
-import random
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_llama import bench_llama_cpp  # noqa: E402
+from serve_peers import HFBaseline, greedy_texts, missing_engine_fields, start_baobab  # noqa: E402
+from serve_report import machine, print_model, print_ratios, write_json  # noqa: E402
+from serve_rows import (  # noqa: E402
+    Launcher,
+    Row,
+    context_length,
+    copy_bandwidth,
+    make_exports,
+    median_levels,
+    medians,
+    prepared_corpus,
+    run_rows,
+    start_servers,
+    stop_servers,
+    tok_s,
+    tpot,
+)
 
-from baobab import models
-from baobab.data import stdlib_files
-from baobab.data.tokenizer import Tokenizer, byte_tokenizer, train_bpe
-from baobab.export import export_hf
-from baobab.export.artifact import save_exported
-from baobab.serve.bench import format_table, run_levels
-from baobab.serve.loader import weight_bytes
+from baobab.data.tokenizer import Tokenizer  # noqa: E402
+from baobab.export.quantize import quantize_export  # noqa: E402
+from baobab.serve.bench_workloads import Workload, make_workload  # noqa: E402
+from baobab.serve.loader import weight_bytes  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
-
-
-def make_exports(name: str, work: Path, seed: int) -> tuple[Path, Path, int]:
-    """A baobab export and an HF directory of ``name``; returns them and the prompt vocab."""
-    quickstart = Path("runs/quickstart")
-    if name == "gpt-mini" and quickstart.is_dir():
-        from baobab.checkpoint import load_trained_model, resolve_checkpoint
-
-        ckpt = resolve_checkpoint(quickstart)
-        model, meta = load_trained_model(ckpt)
-        described, tokenizer_file = meta["model"], ckpt / "tokenizer.json"
-    else:
-        torch.manual_seed(seed)
-        cfg = models.get_config(name)
-        model = models.build_model(cfg)
-        described = {"name": name, "family": "gpt", "config": dataclasses.asdict(cfg)}
-        tokenizer_file = work / "tokenizer.json"
-        tokenizer_for(cfg.vocab_size).save(tokenizer_file)
-    tok = Tokenizer.load(tokenizer_file)
-    # Prompt ids are 3..vocab-1 (baobab.serve.bench): a BPE's specials are 0-2, the byte
-    # tokenizer's 256-258.
-    vocab = tok.vocab_size - 3 if tok.eot_id == tok.vocab_size - 3 else tok.vocab_size
-    export = save_exported(model, work / f"{name}-export", described, "causal_lm", None,
-                           tokenizer_file)  # fmt: skip
-    hf = export_hf(model, work / f"{name}-hf", tokenizer_file=tokenizer_file)
-    return export, Path(hf), vocab
+__all__ = ["HFBaseline", "make_exports"]  # serve_engine.py imports them from here
+SPECULATIVE_TOKENS = 4  # draft tokens an n-gram speculative step proposes
+PREFIX_LEN = 512  # the shared-prefix workload's system prompt, where the context allows
 
 
-def tokenizer_for(vocab_size: int) -> Tokenizer:
-    """Raw bytes for a vocabulary that small, else a BPE of ``vocab_size`` ids trained on the
-    standard library's source (a random model picks ids all over its vocabulary; with a
-    byte tokenizer those past 258 stream no text)."""
-    if vocab_size <= 259:
-        return byte_tokenizer()
-    texts = (f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files())
-    return train_bpe(texts, vocab_size, min_frequency=1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(export: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "baobab", "serve", str(export), "--port", str(port)]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited: {server.stderr.read()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    return server
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the server did not become healthy within 300 s")
-
-
-def greedy_texts(base: str, prompts: list[list[int]], output_len: int) -> list[str]:
-    texts = []
-    for prompt in prompts:
-        body = {"model": "x", "prompt": prompt, "max_tokens": output_len, "temperature": 0,
-                "ignore_eos": True}  # fmt: skip
-        models_url = urllib.request.urlopen(f"{base}/v1/models", timeout=30)
-        body["model"] = json.loads(models_url.read())["data"][0]["id"]
-        request = urllib.request.Request(
-            f"{base}/v1/completions",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=600) as r:
-            texts.append(json.loads(r.read())["choices"][0]["text"])
-    return texts
-
-
-class HFBaseline:
-    """``transformers`` ``generate`` on the Hugging Face twin of the export: greedy, exactly
-    ``output_len`` new tokens (no early stop), in this process."""
-
-    def __init__(self, hf_dir: Path, output_len: int) -> None:
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-        self.options = dict(max_new_tokens=output_len, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)  # fmt: skip
-        self.output_len = output_len
-
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
-        """One ``generate`` call over ``prompts`` as one batch (equal lengths: no padding);
-        returns output tokens/s and the new ids of each prompt."""
-        start = time.perf_counter()
-        ids = self.model.generate(torch.tensor(prompts), **self.options)
-        tok_s = len(prompts) * self.output_len / (time.perf_counter() - start)
-        return tok_s, ids[:, len(prompts[0]) :].tolist()
-
-    def one_at_a_time(self, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
-        """Each prompt on its own, one after another; returns the overall tokens/s."""
-        start, outputs = time.perf_counter(), []
-        for prompt in prompts:
-            outputs += self.generate([prompt])[1]
-        return len(prompts) * self.output_len / (time.perf_counter() - start), outputs
-
-
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second of a large tensor copy, counting the read and the write (STREAM)."""
-    src = torch.ones(megabytes * 2**20 // 4)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() * 4 / best
-
-
-def median_levels(rounds: list[list[dict]]) -> list[dict]:
-    """Per concurrency level, the median over rounds of every number (and of every number
-    in a nested summary such as ``tpot_ms``)."""
-    merged = []
-    for same_level in zip(*rounds):
-        level = dict(same_level[0])
-        for key, value in level.items():
-            if isinstance(value, dict):
-                level[key] = {k: statistics.median([r[key][k] for r in same_level]) for k in value}
-            elif isinstance(value, float):
-                level[key] = statistics.median([r[key] for r in same_level])
-        merged.append(level)
-    return merged
-
-
-def bench_model(name: str, args: argparse.Namespace, work: Path) -> dict:
-    """``args.rounds`` rounds of: copy bandwidth, every concurrency level against the
-    server, copy bandwidth again, HF's static batch; then HF one at a time and the greedy
-    parity check. Each target is a ratio within one round (the two sides minutes apart, not
-    tens of minutes), and the median round's ratio is the result."""
+def model_rows(
+    name: str, args: argparse.Namespace, work: Path, corpus: Path
+) -> tuple[Path, Path, dict[str, Workload], dict[str, Row], dict[str, Launcher]]:
+    """The exports of ``name``, its workloads, its rows by name and their servers' launchers."""
     export, hf_dir, vocab = make_exports(name, work, args.seed)
+    context = context_length(export)
+    int8 = quantize_export(export, work / f"{name}-int8", bits=8)
+    int4 = quantize_export(export, work / f"{name}-int4", bits=4)
+    ends = sorted({1, max(args.concurrency)})
+    common = dict(input_len=args.input_len, output_len=args.output_len, vocab=vocab,
+                  seed=args.seed)  # fmt: skip
+    workloads = {
+        "fixed": make_workload("fixed", **common),
+        "random": make_workload("random", random_range_ratio=args.random_range_ratio, **common),
+        "shared-prefix": make_workload(
+            "shared-prefix",
+            prefix_len=min(PREFIX_LEN, context - args.input_len - args.output_len),
+            **common,
+        ),
+        "corpus": make_workload("corpus", corpus=str(corpus), tokenizer=str(export), **common),
+    }
+    cache_skip = missing_engine_fields("prefix_caching")
+    spec_skip = missing_engine_fields("speculative", "num_speculative_tokens")
+    plain = {} if cache_skip else {"prefix_caching": True}
+    launchers = {
+        "fp32": lambda: start_baobab(export, plain),
+        "int8": lambda: start_baobab(int8, plain),
+        "int4": lambda: start_baobab(int4, plain),
+        "no-cache": lambda: start_baobab(export, {"prefix_caching": False}),
+        "ngram": lambda: start_baobab(export, {**plain, "speculative": "ngram",
+                                               "num_speculative_tokens": SPECULATIVE_TOKENS}),
+    }  # fmt: skip
+    rows = {
+        "fixed": Row("baobab", "fp32", workloads["fixed"], args.concurrency),
+        "random": Row("baobab", "fp32", workloads["random"], args.concurrency),
+        "shared-prefix": Row("baobab", "fp32", workloads["shared-prefix"], ends),
+        "corpus": Row("baobab", "fp32", workloads["corpus"], ends),
+        "int8": Row("baobab int8", "int8", workloads["fixed"], [1]),
+        "int4": Row("baobab int4", "int4", workloads["fixed"], [1]),
+        "no-cache": Row("baobab, prefix caching off", "no-cache", workloads["shared-prefix"],
+                        ends, cache_skip),
+        "ngram": Row("baobab, n-gram speculative", "ngram", workloads["corpus"], [1],
+                     spec_skip),
+    }  # fmt: skip
+    return export, hf_dir, workloads, rows, launchers
+
+
+def round_ratios(rows: dict[str, Row], got: dict[str, list[dict]], top: int) -> dict[str, float]:
+    """The ratios of one round from its rows' levels (``got``: levels by row name)."""
+    ratios = {
+        f"{bits}_vs_fp32_batch1_decode": tpot(got["fixed"], 1) / tpot(got[bits], 1)
+        for bits in ("int8", "int4")
+    }
+    if not rows["no-cache"].skip:
+        for c in sorted({1, top}):
+            ratios[f"prefix_caching_ttft_gain_c{c}"] = tpot(got["no-cache"], c, "ttft_ms") / tpot(
+                got["shared-prefix"], c, "ttft_ms"
+            )
+    if not rows["ngram"].skip:
+        ratios["ngram_vs_plain_batch1_decode"] = tpot(got["corpus"], 1) / tpot(got["ngram"], 1)
+    return ratios
+
+
+def bench_model(name: str, args: argparse.Namespace, work: Path, corpus: Path) -> dict:
+    """Every row of one model for ``args.rounds`` rounds, its HF baselines within each round,
+    and the greedy checks; the ratios of each round and their medians."""
+    export, hf_dir, workloads, rows, launchers = model_rows(name, args, work, corpus)
     top = max(args.concurrency)
-    rng = random.Random(args.seed)
-    singles, batch = ([[rng.randrange(3, vocab) for _ in range(args.input_len)]
-                       for _ in range(n)] for n in (args.hf_requests, top))  # fmt: skip
     hf = HFBaseline(hf_dir, args.output_len)
-    hf.generate(singles[:1])  # warm-ups: the first call at a shape allocates and picks kernels
+    batch = [prompt for prompt, _ in workloads["fixed"].requests(top, args.seed)]
+    # the random workload's requests at baobab's top level (run_levels' seed and count)
+    padded = workloads["random"].requests(max(8, 4 * top), args.seed + top)
+    hf.generate(batch[:1])  # warm-ups: the first call at a shape allocates and picks kernels
     hf.generate(batch)
     weights = weight_bytes(export)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = start_server(export, port)
     rounds = []
+    servers = start_servers(list(rows.values()), launchers)
     try:
         for r in range(args.rounds):
             before = copy_bandwidth()
-            levels = run_levels(
-                base, args.concurrency, 0, args.input_len, args.output_len, vocab, seed=args.seed
-            )
+            got = dict(zip(rows, run_rows(list(rows.values()), args.seed)))
             after = copy_bandwidth()
-            hf_static, _ = hf.generate(batch)  # the server is idle meanwhile
-            by_level = {level["concurrency"]: level for level in levels}
-            decode_tok_s = 1000.0 / by_level[1]["tpot_ms"]["p50"]  # main() asks for level 1
+            hf_static, _ = hf.generate(batch)  # the servers idle meanwhile
+            hf_padded = hf.padded_batches(padded, top)
             limit = max(before, after) / weights
-            rounds.append({
-                "levels": levels,
+            fixed = got["fixed"]
+            rnd = {
+                "rows": got,
                 "copy_bandwidth_before_after_gb_s": [before / 1e9, after / 1e9],
                 "hf_static_batch_tok_s": hf_static,
-                "vs_hf_static_batch": by_level[top]["output_token_throughput"] / hf_static,
-                "batch1_decode_tok_s": decode_tok_s,
+                "hf_padded_batches_tok_s": hf_padded,
+                "fixed_vs_hf_static_batch": tok_s(fixed, top) / hf_static,
+                "random_vs_hf_padded_batches": tok_s(got["random"], top) / hf_padded,
+                "batch1_decode_tok_s": 1000.0 / tpot(fixed, 1),
                 "bandwidth_limit_tok_s": limit,
-                "fraction_of_bandwidth_limit": decode_tok_s / limit,
-            })  # fmt: skip
-            print(
-                f"{name} round {r + 1}/{args.rounds}: concurrency {top} "
-                f"{by_level[top]['output_token_throughput']:,.0f} tok/s, HF static batch "
-                f"{hf_static:,.0f} tok/s ({rounds[-1]['vs_hf_static_batch']:.2f}x); batch-1 "
-                f"{decode_tok_s:.1f} tok/s = {rounds[-1]['fraction_of_bandwidth_limit']:.0%} of "
-                f"{limit:.1f} (copy {before / 1e9:.1f} / {after / 1e9:.1f} GB/s)",
-                flush=True,
-            )
-        served = greedy_texts(base, singles[: args.parity_prompts], args.output_len)
+                "fraction_of_bandwidth_limit": 1000.0 / tpot(fixed, 1) / limit,
+                **round_ratios(rows, got, top),
+            }
+            rounds.append(rnd)
+            shown = ", ".join(f"{k} {v:.2f}" for k, v in rnd.items() if isinstance(v, float))
+            print(f"{name} round {r + 1}/{args.rounds}: {shown}", flush=True)
+        parity = [p for p, _ in workloads["fixed"].requests(args.parity_prompts, args.seed)]
+        served = greedy_texts(rows["fixed"].url, parity, args.output_len)
+        spec_equal = None
+        if not rows["ngram"].skip:
+            code = [p for p, _ in workloads["corpus"].requests(args.parity_prompts, args.seed)]
+            plain = greedy_texts(rows["fixed"].url, code, args.output_len)
+            spec_equal = greedy_texts(rows["ngram"].url, code, args.output_len) == plain
     finally:
-        server.terminate()
-        server.wait(timeout=120)
+        stop_servers(servers)
+    singles = [p for p, _ in workloads["fixed"].requests(args.hf_requests, args.seed)]
     hf_single, hf_ids = hf.one_at_a_time(singles)
     tok = Tokenizer.load(export / "tokenizer.json")
-    hf_texts = [tok.decode(ids) for ids in hf_ids[: args.parity_prompts]]
-    top_tok_s = statistics.median([
-        next(lv for lv in rnd["levels"] if lv["concurrency"] == top)["output_token_throughput"]
-        for rnd in rounds
-    ])  # fmt: skip
+    fixed_median = median_levels([rnd["rows"]["fixed"] for rnd in rounds])
     return {
         "model": name,
+        "prefix_len": workloads["shared-prefix"].prefix_len,
+        "rows": [
+            {
+                "label": row.label,
+                "workload": row.workload.kind,
+                "skip": row.skip,
+                "levels": median_levels([rnd["rows"][key] for rnd in rounds]),
+            }
+            for key, row in rows.items()
+        ],
         "rounds": rounds,
-        "levels": median_levels([rnd["levels"] for rnd in rounds]),
-        "weight_mb": weights / 1e6,
+        "ratios": medians(rounds),
         "hf_one_at_a_time_tok_s": hf_single,
-        "vs_hf_one_at_a_time": top_tok_s / hf_single,
-        **{
-            key: statistics.median([rnd[key] for rnd in rounds])
-            for key in (
-                "hf_static_batch_tok_s",
-                "vs_hf_static_batch",
-                "batch1_decode_tok_s",
-                "bandwidth_limit_tok_s",
-                "fraction_of_bandwidth_limit",
-            )
-        },  # fmt: skip
-        "greedy_equal_to_hf": served == hf_texts,
+        "fixed_vs_hf_one_at_a_time": tok_s(fixed_median, top) / hf_single,
+        "greedy_equal_to_hf": served == [tok.decode(ids) for ids in hf_ids[: len(parity)]],
+        "speculative_greedy_equal": spec_equal,
     }
-
-
-def each(rounds: list[dict], key: str, fmt: str) -> str:
-    """``key`` of every round, formatted, joined by slashes."""
-    return " / ".join(format(rnd[key], fmt) for rnd in rounds)
 
 
 def main() -> None:
@@ -281,6 +225,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--random-range-ratio", type=float, default=0.5)
     parser.add_argument("--hf-requests", type=int, default=8)
     parser.add_argument("--parity-prompts", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -288,33 +233,16 @@ def main() -> None:
     args = parser.parse_args()
     if 1 not in args.concurrency:
         parser.error("--concurrency must include 1 (the batch-1 decode rate comes from it)")
+    print(machine(), flush=True)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        corpus = prepared_corpus(Path(tmp) / "corpus", args.seed)
         for name in args.models:
-            result = bench_model(name, args, Path(tmp))
-            results.append(result)
-            rounds = result["rounds"]
-            print(f"\n## {name}: medians of {len(rounds)} rounds\n")
-            print(format_table(result["levels"]))
-            print(
-                f"\nHF generate: one at a time {result['hf_one_at_a_time_tok_s']:,.0f} tok/s, "
-                f"static batch of {max(args.concurrency)} {result['hf_static_batch_tok_s']:,.0f} "
-                f"tok/s; baobab at concurrency {max(args.concurrency)}: "
-                f"{result['vs_hf_one_at_a_time']:.2f}x one at a time, "
-                f"{result['vs_hf_static_batch']:.2f}x static batch (rounds: "
-                f"{each(rounds, 'vs_hf_static_batch', '.2f')})"
-            )
-            print(
-                f"batch-1 decode {result['batch1_decode_tok_s']:,.1f} tok/s = "
-                f"{result['fraction_of_bandwidth_limit']:.0%} of the bandwidth limit "
-                f"{result['bandwidth_limit_tok_s']:,.1f} tok/s ({result['weight_mb']:.1f} MB of "
-                f"weights; rounds: {each(rounds, 'fraction_of_bandwidth_limit', '.0%')}); greedy "
-                f"text equal to HF: {result['greedy_equal_to_hf']}"
-            )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / "serve_bench.json"
-    out.write_text(json.dumps({"threads": torch.get_num_threads(), "results": results}, indent=2))
-    print(f"\nwrote {out}")
+            results.append(bench_model(name, args, Path(tmp), corpus))
+            print_model(results[-1], args)
+        llama = bench_llama_cpp(args, Path(tmp))
+    print_ratios(results, llama, args)
+    write_json(results, llama)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """``baobab bench serve``: load a running OpenAI-compatible server, like vLLM's ``bench serve``.
 
-For each concurrency level, ``num_requests`` streaming completions of random token-id
-prompts (``input_len`` tokens) each ask for exactly ``output_len`` tokens (``ignore_eos``).
-At most ``concurrency`` requests are in flight at once. Reported per level:
+For each concurrency level, ``num_requests`` streaming completions of token-id prompts from
+a seeded workload (``baobab.serve.bench_workloads``: fixed or random lengths, a shared
+system prompt, or real text from a corpus) each ask for exactly their output length
+(``ignore_eos``). At most ``concurrency`` requests are in flight at once. Reported per level:
 
 - request and output-token throughput over the level's wall time;
 - TTFT: time from sending a request to its first streamed token;
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +26,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from baobab.serve.bench_workloads import Workload, make_workload
 
 
 @dataclass
@@ -61,7 +63,7 @@ def _stream_completion(
         response = conn.getresponse()
         if response.status != 200:
             return RequestTiming(False, error=f"HTTP {response.status}: {response.read()[:200]!r}")
-        timing, last = RequestTiming(True), None
+        timing, last, chunks = RequestTiming(True), None, 0
         for raw in response:  # SSE: "data: {...}" lines separated by blank lines
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -72,12 +74,16 @@ def _stream_completion(
                 timing.output_tokens = chunk["usage"]["completion_tokens"]
             if not any(c.get("text") for c in chunk.get("choices", [])):
                 continue
+            chunks += 1
             if last is None:
                 timing.ttft = now - start
             else:
                 timing.itl.append(now - last)
             last = now
         timing.latency = time.perf_counter() - start
+        # A server that reports no usage (llama.cpp's, in some versions) streams one token per
+        # chunk.
+        timing.output_tokens = timing.output_tokens or chunks
         return timing
     except (OSError, http.client.HTTPException, json.JSONDecodeError) as err:
         return RequestTiming(False, error=str(err))
@@ -116,24 +122,20 @@ def run_level(
     base: str,
     concurrency: int,
     num_requests: int,
-    input_len: int,
-    output_len: int,
-    vocab: int,
+    workload: Workload,
     api_key: str | None = None,
     seed: int = 0,
     timeout: float = 600.0,
 ) -> dict[str, Any]:
-    """One concurrency level; returns its throughput and latency summary."""
+    """One concurrency level of ``num_requests`` requests drawn from ``workload`` with
+    ``seed``; returns its throughput and latency summary."""
     model = _server_model(base, api_key, timeout)
-    rng = random.Random(seed)
-    # Ids 3..vocab-1: ordinary tokens of both baobab tokenizer layouts (a trained BPE's
-    # specials are 0-2, the byte tokenizer's 256-258).
-    prompts = [[rng.randrange(3, vocab) for _ in range(input_len)] for _ in range(num_requests)]
+    requests = workload.requests(num_requests, seed)
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
         timings = list(
             pool.map(
-                lambda p: _stream_completion(base, api_key, model, p, output_len, timeout), prompts
+                lambda r: _stream_completion(base, api_key, model, r[0], r[1], timeout), requests
             )
         )
     duration = time.perf_counter() - start
@@ -142,12 +144,14 @@ def run_level(
     tokens = sum(t.output_tokens for t in done)
     tpot = [(t.latency - t.ttft) / (t.output_tokens - 1) for t in done if t.output_tokens > 1]
     return {
+        "workload": workload.kind,
         "concurrency": concurrency,
         "requests": len(timings),
         "completed": len(done),
         "failed": len(failed),
         "first_error": failed[0] if failed else None,
         "duration_s": duration,
+        "input_tokens": sum(len(prompt) for prompt, _ in requests),
         "request_throughput": len(done) / duration,
         "output_token_throughput": tokens / duration,
         "ttft_ms": _percentiles([t.ttft for t in done]),
@@ -160,20 +164,16 @@ def run_levels(
     base: str,
     levels: list[int],
     num_requests: int,
-    input_len: int,
-    output_len: int,
-    vocab: int,
+    workload: Workload,
     api_key: str | None = None,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """One warm-up request, not counted, then :func:`run_level` for each concurrency in
     ``levels`` with ``num_requests`` requests (0: 4 x concurrency, at least 8)."""
     # The warm-up as vLLM's bench sends it: the server's first steps allocate and pick kernels.
-    run_level(base, 1, 1, input_len, output_len, vocab, api_key, seed - 1)
+    run_level(base, 1, 1, workload, api_key, seed - 1)
     return [
-        run_level(
-            base, c, num_requests or max(8, 4 * c), input_len, output_len, vocab, api_key, seed + c
-        )
+        run_level(base, c, num_requests or max(8, 4 * c), workload, api_key, seed + c)
         for c in levels
     ]
 
@@ -199,9 +199,14 @@ def bench_serve(
     url: str = "http://127.0.0.1:8000",
     concurrency: int | list[int] | None = None,
     num_requests: int = 0,
+    workload: str = "fixed",
     input_len: int = 32,
     output_len: int = 64,
     vocab: int = 256,
+    random_range_ratio: float = 0.5,
+    prefix_len: int = 512,
+    corpus: str | None = None,
+    tokenizer: str | None = None,
     api_key: str | None = None,
     seed: int = 0,
     out: str | None = None,
@@ -212,22 +217,30 @@ def bench_serve(
         url: the server's base URL.
         concurrency: one level (``16``) or levels to run in order (``[1,4,16]``, the default).
         num_requests: requests per level (0: 4 x concurrency, at least 8).
-        input_len: prompt length in tokens (random ids).
+        workload: ``fixed`` (random ids, fixed lengths), ``random`` (lengths uniform in
+            [1 - r, 1 + r] x nominal), ``shared-prefix`` (one ``prefix_len``-token system
+            prompt + distinct ``input_len``-token questions) or ``corpus`` (windows of real
+            text from ``corpus``, encoded with ``tokenizer``).
+        input_len: prompt length in tokens (nominal for ``random``; the question's for
+            ``shared-prefix``).
         output_len: tokens generated per request (the server ignores end-of-text).
-        vocab: prompt ids are drawn from 3..vocab-1; keep it within the model's tokenizer.
+        vocab: random prompt ids are drawn from 3..vocab-1; keep it within the model's
+            tokenizer.
+        random_range_ratio: r of the ``random`` workload, in [0, 1) (vLLM's flag).
+        prefix_len: tokens of the ``shared-prefix`` workload's system prompt.
+        corpus: text files, a directory of them, or a prepared corpus (``corpus`` workload).
+        tokenizer: the served model's tokenizer.json, or a directory holding one such as
+            its export (``corpus`` workload).
         api_key: sent as a Bearer token when the server requires one.
-        seed: seeds the random prompts.
+        seed: seeds the prompts and lengths.
         out: also write the results as JSON to this file.
     """
     levels = [concurrency] if isinstance(concurrency, int) else (concurrency or [1, 4, 16])
-    for key, value in (("input_len", input_len), ("output_len", output_len)):
-        if value < 1:
-            raise ValueError(f"{key} must be positive, got {value}")
-    if vocab < 4:
-        raise ValueError(f"vocab must be at least 4 (prompt ids are 3..vocab-1), got {vocab}")
     if any(c < 1 for c in levels) or num_requests < 0:
         raise ValueError("concurrency levels must be at least 1 and num_requests 0 or more")
-    results = run_levels(url, levels, num_requests, input_len, output_len, vocab, api_key, seed)
+    mix = make_workload(workload, input_len, output_len, vocab, random_range_ratio, prefix_len,
+                        corpus, tokenizer, seed)  # fmt: skip
+    results = run_levels(url, levels, num_requests, mix, api_key, seed)
     print(format_table(results))
     if out:
         with open(out, "w") as f:
