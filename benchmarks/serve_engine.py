@@ -15,12 +15,22 @@ rounds (3):
 Each round prints both throughputs and their ratio, and the median ratio is the result.
 ``--profile`` also prints torch.profiler's op table for 20 steps of a full batch.
 
+``--quantized`` measures weight-only quantization instead (no HF): ``--model`` with random
+weights (default here: gpt2-124m) exported as fp32, then as int8 and int4 (groups of 64)
+by ``baobab quantize``'s code; each export's engine, with the threads the server would
+give it, decodes one request at a time (batch 1: the memory-bound case quantization is
+for). The engines take turns within each round; each round prints their tokens/s and
+the quantized ones' ratios to fp32, and the medians are the result. With ``--profile`` it
+prints the op table of 20 int8 decode steps.
+
     python benchmarks/serve_engine.py [--model gpt-mini] [--concurrency 16] [--profile]
+    python benchmarks/serve_engine.py --quantized [--model gpt2-124m] [--output-len 32]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import statistics
@@ -31,6 +41,10 @@ from pathlib import Path
 
 import torch
 
+from baobab import models
+from baobab.data.tokenizer import byte_tokenizer
+from baobab.export.artifact import save_exported
+from baobab.export.quantize import quantize_export
 from baobab.serve.config import EngineConfig
 from baobab.serve.loader import load_engine, weight_bytes
 from baobab.serve.types import SamplingParams
@@ -78,16 +92,74 @@ def profile(engine, prompts: list[list[int]], output_len: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def quantized_exports(name: str, work: Path, seed: int) -> dict[str, Path]:
+    """fp32, int8 and int4 exports of ``name`` with random weights (a byte tokenizer: the
+    prompts are ids below 256; sampling covers the whole vocabulary)."""
+    torch.manual_seed(seed)
+    cfg = models.get_config(name)
+    model = models.build_model(cfg)
+    described = {"name": name, "family": "gpt", "config": dataclasses.asdict(cfg)}
+    byte_tokenizer().save(work / "tokenizer.json")
+    fp32 = save_exported(model, work / "fp32", described, "causal_lm", None,
+                         work / "tokenizer.json")  # fmt: skip
+    del model
+    quantized = {f"int{bits}": quantize_export(fp32, work / f"int{bits}", bits) for bits in (8, 4)}
+    return {"fp32": fp32, **quantized}
+
+
+def quantized_decode(args: argparse.Namespace) -> None:
+    """Batch-1 decode of the fp32, int8 and int4 exports, interleaved; prints ratios."""
+    config = EngineConfig(separate_process=False, kv_cache_memory_gib=0.25)
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = quantized_exports(args.model, Path(tmp), args.seed)
+        threads = {k: config.num_threads(weight_bytes(p)) for k, p in exports.items()}
+        sizes = {k: weight_bytes(p) / 2**20 for k, p in exports.items()}
+        engines = {k: load_engine(p, config) for k, p in exports.items()}
+    rng = random.Random(args.seed)
+    prompt = [[rng.randrange(3, 256) for _ in range(args.input_len)]]
+    print(f"{args.model}, random weights; batch-1 decode of {args.output_len} tokens after a "
+          f"{args.input_len}-token prompt; torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
+    for kind, engine in engines.items():  # warm-ups (and the int4 layout's first use)
+        torch.set_num_threads(threads[kind])
+        replay(engine, prompt, 1, 8)
+    ratios: dict[str, list[float]] = {"int8": [], "int4": []}
+    for r in range(args.rounds):
+        speed = {}
+        for kind, engine in engines.items():
+            torch.set_num_threads(threads[kind])
+            speed[kind] = replay(engine, prompt, 1, args.output_len)
+        for kind in ratios:
+            ratios[kind].append(speed[kind]["tok_s"] / speed["fp32"]["tok_s"])
+        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
+            f"{k} ({sizes[k]:.0f} MiB, {threads[k]} thread(s)) {v['tok_s']:.1f} tok/s, "
+            f"step p50 {v['step_ms']:.1f} ms" for k, v in speed.items()),
+            flush=True)  # fmt: skip
+    print(f"{args.model} batch-1 decode vs fp32 (median of {args.rounds} rounds): " + ", ".join(
+        f"{k} {statistics.median(v):.2f}x" for k, v in ratios.items()))  # fmt: skip
+    if args.profile:
+        torch.set_num_threads(threads["int8"])
+        profile(engines["int8"], prompt, args.output_len)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt-mini")
+    parser.add_argument(
+        "--model", default=None, help="gpt-mini (default), gpt2-124m with --quantized"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--quantized", action="store_true", help="fp32 vs int8 vs int4 decode")
     args = parser.parse_args()
+    if args.quantized:
+        args.model = args.model or "gpt2-124m"
+        quantized_decode(args)
+        return
+    args.model = args.model or "gpt-mini"
     cores = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         export, hf_dir, vocab = make_exports(args.model, Path(tmp), args.seed)

@@ -7,7 +7,9 @@ bf16 inputs (``benchmarks/quant_kernels.py``: fp32 inputs take a scalar path, 2-
 slower than the fp32 linear), and CUDA's int4 kernel takes nothing else.
 
 * int8, CPU and CUDA: ``aten._weight_int8pack_mm(x (M, K), q int8 (N, K), scales (N,))``,
-  the stored weight as it is, scales in x's dtype.
+  the stored weight as it is, scales in x's dtype. On CPU (torch 2.13, AVX512) it crashes
+  (SIGSEGV) when x or q does not start on a 64-byte boundary, as tensors safetensors loads
+  may not: both go in 64-byte aligned (:func:`aligned`).
 * int4, CPU: ``aten._convert_weight_to_int4pack_for_cpu(q int32 (N, K) in 0..15, 1)`` then
   ``aten._weight_int4pack_mm_for_cpu``; needs N % 16 == 0.
 * int4, CUDA (compute capability 8.0 or later): ``aten._convert_weight_to_int4pack(q uint8
@@ -31,6 +33,12 @@ CUDA_INT4_N_MULTIPLE = 8
 
 # x (M, K) bf16 -> (M, N) bf16, with the prepared weights bound.
 Kernel = Callable[[torch.Tensor], torch.Tensor]
+ALIGNMENT = 64  # bytes; torch's CPU allocator aligns every new tensor to it
+
+
+def aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy of it that starts on a 64-byte boundary."""
+    return t if t.data_ptr() % ALIGNMENT == 0 else t.clone()
 
 
 def _cuda_int4_ok(device: torch.device) -> bool:
@@ -53,7 +61,10 @@ def int4_supported(weight: torch.Tensor) -> bool:
 
 
 def prepare_int8(weight: torch.Tensor, scales: torch.Tensor) -> Kernel:
-    """The int8 op over the stored weight (N, K) int8 (not copied) and fp32 scales (N,)."""
+    """The int8 op over ``weight`` (N, K) int8, 64-byte aligned and bound as it is, and
+    fp32 scales (N,)."""
+    if weight.data_ptr() % ALIGNMENT:
+        raise ValueError("the int8 weight must start on a 64-byte boundary; pass aligned(weight)")
     op, scales = torch.ops.aten._weight_int8pack_mm, scales.to(KERNEL_DTYPE)
     return lambda x: op(x, weight, scales)
 
@@ -84,7 +95,7 @@ def prepare_int4(
 
 def fused_linear(x: torch.Tensor, kernel: Kernel, bias: torch.Tensor | None) -> torch.Tensor:
     """``kernel`` on ``x`` (..., K) in bf16, the result (..., N) back in x's dtype (+ bias)."""
-    rows = x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous()  # (M, K)
+    rows = aligned(x.reshape(-1, x.shape[-1]).to(KERNEL_DTYPE).contiguous())  # (M, K)
     out = kernel(rows).to(x.dtype)  # (M, N)
     if bias is not None:
         out = out + bias.to(x.dtype)

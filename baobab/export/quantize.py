@@ -41,6 +41,7 @@ from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read
 from baobab.export.atomic import atomic_directory
 from baobab.export.quant_fused import (
     Kernel,
+    aligned,
     fused_linear,
     int4_supported,
     int8_supported,
@@ -117,11 +118,10 @@ class _WeightOnlyLinear(nn.Module):
         """The fused op with this weight bound (made now if not yet), or None where it
         cannot run (then ``forward`` dequantizes)."""
         if self._fused_source is not self.weight:
-            weight = self.weight
-            ready = not weight.is_meta and self._kernel_supported()
+            ready = not self.weight.is_meta and self._kernel_supported()
             with torch.no_grad():
                 self._fused = self._prepare_kernel() if ready else None
-            self._fused_source = weight
+            self._fused_source = self.weight  # after: the int8 one may align its weight
         return self._fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +173,9 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
         return int8_supported(self.weight)
 
     def _prepare_kernel(self) -> Kernel:
+        # The kernel binds the weight itself: one not 64-byte aligned (safetensors may load
+        # it so) becomes an aligned copy of itself, once, rather than a second copy.
+        self.weight = aligned(self.weight)
         return prepare_int8(self.weight, self.scales)
 
     def extra_repr(self) -> str:

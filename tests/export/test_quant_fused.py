@@ -118,3 +118,18 @@ def test_cuda_kernels_match_the_cpu_ones(bits, group_size, symmetric):
         want = nn.functional.linear(x, module.dequantize().cpu(), module.bias.cpu())
     assert (got - want).abs().max() / want.abs().max() < 1.6e-2
     assert (got - cpu).abs().max() / want.abs().max() < 1.6e-2
+
+
+def test_int8_weights_and_inputs_off_a_64_byte_boundary_are_aligned_first():
+    # torch 2.13's CPU int8 kernel crashes on them; safetensors can load weights so.
+    module = quantized(64, 192, 8, None, True)
+    with torch.no_grad():
+        storage = torch.empty(64 * 192 + 8, dtype=torch.int8)
+        module.weight = storage[8:].view(64, 192).copy_(module.weight)  # 8 bytes off
+        x = torch.randn(32 * 192 + 4).bfloat16()[4:].view(32, 192)  # 8 bytes off
+        assert module.weight.data_ptr() % 64 and x.data_ptr() % 64
+        got = module(x)  # before the fix: SIGSEGV
+        assert torch.equal(got, module(x.clone()))  # the clone starts aligned
+    assert module.weight.data_ptr() % 64 == 0  # replaced by an aligned copy, once
+    assert torch.equal(module.weight, storage[8:].view(64, 192))
+    assert module.fused_kernel() is module.fused_kernel()
