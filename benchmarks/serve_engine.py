@@ -18,10 +18,11 @@ Each round prints both throughputs and their ratio, and the median ratio is the 
 ``--quantized`` measures weight-only quantization instead (no HF): ``--model`` with random
 weights (default here: gpt2-124m) exported as fp32, then as int8 and int4 (groups of 64)
 by ``baobab quantize``'s code; each export's engine, with the threads the server would
-give it, decodes one request at a time (batch 1: the memory-bound case quantization is
-for). The engines take turns within each round; each round prints their tokens/s and
-the quantized ones' ratios to fp32, and the medians are the result. With ``--profile`` it
-prints the op table of 20 int8 decode steps.
+give it (``--threads`` overrides), decodes one request at a time (batch 1: the
+memory-bound case quantization is for). The engines take turns within each round; each
+round prints their tokens/s and median decode step, and the result is the median over
+rounds of fp32's median step over each quantized one's. With ``--profile`` it prints the
+op table of 20 int8 decode steps.
 
     python benchmarks/serve_engine.py [--model gpt-mini] [--concurrency 16] [--profile]
     python benchmarks/serve_engine.py --quantized [--model gpt2-124m] [--output-len 32]
@@ -109,7 +110,7 @@ def quantized_exports(name: str, work: Path, seed: int) -> dict[str, Path]:
 
 def quantized_decode(args: argparse.Namespace) -> None:
     """Batch-1 decode of the fp32, int8 and int4 exports, interleaved; prints ratios."""
-    config = EngineConfig(separate_process=False, kv_cache_memory_gib=0.25)
+    config = EngineConfig(separate_process=False, kv_cache_memory_gib=0.25, threads=args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         exports = quantized_exports(args.model, Path(tmp), args.seed)
         threads = {k: config.num_threads(weight_bytes(p)) for k, p in exports.items()}
@@ -129,13 +130,13 @@ def quantized_decode(args: argparse.Namespace) -> None:
         for kind, engine in engines.items():
             torch.set_num_threads(threads[kind])
             speed[kind] = replay(engine, prompt, 1, args.output_len)
-        for kind in ratios:
-            ratios[kind].append(speed[kind]["tok_s"] / speed["fp32"]["tok_s"])
+        for kind in ratios:  # decode speed: the median step (one token) of each replay
+            ratios[kind].append(speed["fp32"]["step_ms"] / speed[kind]["step_ms"])
         print(f"round {r + 1}/{args.rounds}: " + "; ".join(
             f"{k} ({sizes[k]:.0f} MiB, {threads[k]} thread(s)) {v['tok_s']:.1f} tok/s, "
             f"step p50 {v['step_ms']:.1f} ms" for k, v in speed.items()),
             flush=True)  # fmt: skip
-    print(f"{args.model} batch-1 decode vs fp32 (median of {args.rounds} rounds): " + ", ".join(
+    print(f"{args.model} batch-1 decode step vs fp32 (median of {args.rounds} rounds): " + ", ".join(
         f"{k} {statistics.median(v):.2f}x" for k, v in ratios.items()))  # fmt: skip
     if args.profile:
         torch.set_num_threads(threads["int8"])
@@ -154,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--quantized", action="store_true", help="fp32 vs int8 vs int4 decode")
+    parser.add_argument("--threads", type=int, default=0, help="--quantized: 0 = the server's")
     args = parser.parse_args()
     if args.quantized:
         args.model = args.model or "gpt2-124m"
