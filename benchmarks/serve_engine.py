@@ -18,10 +18,10 @@ Each round prints both throughputs and their ratio, and the median ratio is the 
 ``--quantized`` measures weight-only quantization instead (no HF): ``--model`` with random
 weights (default here: gpt2-124m) exported as fp32, then as int8 and int4 (groups of 64)
 by ``baobab quantize``'s code; each export's engine, with the threads the server would
-give it (``--threads`` overrides), decodes one request at a time (batch 1: the
-memory-bound case quantization is for). The engines take turns within each round; each
-round prints their tokens/s and median decode step, and the result is the median over
-rounds of fp32's median step over each quantized one's. With ``--profile`` it prints the
+give it (``--threads`` overrides), decodes one request (batch 1: the memory-bound case
+quantization is for). The engines take turns step by step, so a busy spell on a shared
+machine slows all three alike; each round prints each engine's median decode step and
+fp32's over the quantized ones', and the result is the median of those ratios. With ``--profile`` it prints the
 op table of 20 int8 decode steps.
 
     python benchmarks/serve_engine.py [--model gpt-mini] [--concurrency 16] [--profile]
@@ -108,6 +108,27 @@ def quantized_exports(name: str, work: Path, seed: int) -> dict[str, Path]:
     return {"fp32": fp32, **quantized}
 
 
+def interleaved_decode(
+    engines: dict, threads: dict[str, int], prompt: list[int], output_len: int, rid: str
+) -> dict[str, float]:
+    """One request per engine, the engines stepped in turn (so a busy spell on a shared
+    machine slows all alike); each engine's median decode step in ms (prefill left out)."""
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    steps: dict[str, list[float]] = {kind: [] for kind in engines}
+    for kind, engine in engines.items():
+        torch.set_num_threads(threads[kind])
+        engine.add_request(rid, prompt, params)
+        engine.step()  # the prompt's prefill
+    while any(engine.has_unfinished() for engine in engines.values()):
+        for kind, engine in engines.items():
+            if engine.has_unfinished():
+                torch.set_num_threads(threads[kind])
+                begin = time.perf_counter()
+                engine.step()
+                steps[kind].append(time.perf_counter() - begin)
+    return {kind: statistics.median(s) * 1e3 for kind, s in steps.items()}
+
+
 def quantized_decode(args: argparse.Namespace) -> None:
     """Batch-1 decode of the fp32, int8 and int4 exports, interleaved; prints ratios."""
     config = EngineConfig(separate_process=False, kv_cache_memory_gib=0.25, threads=args.threads)
@@ -117,30 +138,26 @@ def quantized_decode(args: argparse.Namespace) -> None:
         sizes = {k: weight_bytes(p) / 2**20 for k, p in exports.items()}
         engines = {k: load_engine(p, config) for k, p in exports.items()}
     rng = random.Random(args.seed)
-    prompt = [[rng.randrange(3, 256) for _ in range(args.input_len)]]
+    prompt = [rng.randrange(3, 256) for _ in range(args.input_len)]
     print(f"{args.model}, random weights; batch-1 decode of {args.output_len} tokens after a "
           f"{args.input_len}-token prompt; torch {torch.__version__}, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}")  # fmt: skip
-    for kind, engine in engines.items():  # warm-ups (and the int4 layout's first use)
-        torch.set_num_threads(threads[kind])
-        replay(engine, prompt, 1, 8)
+          f"{torch.backends.cpu.get_cpu_capability()}; "
+          + ", ".join(f"{k} {sizes[k]:.0f} MiB, {threads[k]} thread(s)" for k in exports))  # fmt: skip
+    interleaved_decode(engines, threads, prompt, 8, "warm-up")  # (and first-use set-ups)
     ratios: dict[str, list[float]] = {"int8": [], "int4": []}
     for r in range(args.rounds):
-        speed = {}
-        for kind, engine in engines.items():
-            torch.set_num_threads(threads[kind])
-            speed[kind] = replay(engine, prompt, 1, args.output_len)
-        for kind in ratios:  # decode speed: the median step (one token) of each replay
-            ratios[kind].append(speed["fp32"]["step_ms"] / speed[kind]["step_ms"])
-        print(f"round {r + 1}/{args.rounds}: " + "; ".join(
-            f"{k} ({sizes[k]:.0f} MiB, {threads[k]} thread(s)) {v['tok_s']:.1f} tok/s, "
-            f"step p50 {v['step_ms']:.1f} ms" for k, v in speed.items()),
+        step_ms = interleaved_decode(engines, threads, prompt, args.output_len, f"r{r}")
+        for kind in ratios:
+            ratios[kind].append(step_ms["fp32"] / step_ms[kind])
+        print(f"round {r + 1}/{args.rounds}: median decode step " + "; ".join(
+            f"{k} {ms:.1f} ms ({1e3 / ms:.1f} tok/s)" for k, ms in step_ms.items())
+            + "; " + ", ".join(f"{k} {v[-1]:.2f}x" for k, v in ratios.items()),
             flush=True)  # fmt: skip
-    print(f"{args.model} batch-1 decode step vs fp32 (median of {args.rounds} rounds): " + ", ".join(
+    print(f"{args.model} batch-1 decode vs fp32 (median of {args.rounds} rounds): " + ", ".join(
         f"{k} {statistics.median(v):.2f}x" for k, v in ratios.items()))  # fmt: skip
     if args.profile:
         torch.set_num_threads(threads["int8"])
-        profile(engines["int8"], prompt, args.output_len)
+        profile(engines["int8"], [prompt], args.output_len)
 
 
 def main() -> None:
