@@ -7,7 +7,7 @@ bf16 inputs (``benchmarks/quant_kernels.py``: fp32 inputs take a scalar path, 2-
 slower than the fp32 linear), and CUDA's int4 kernel takes nothing else.
 
 * int8, CPU and CUDA: ``aten._weight_int8pack_mm(x (M, K), q int8 (N, K), scales (N,))``,
-  the stored weight as it is, scales in x's dtype. On CPU (torch 2.13, AVX512) it crashes
+  the stored weight itself (no copy), scales in x's dtype. On CPU (torch 2.13, AVX512) it crashes
   (SIGSEGV) when x or q does not start on a 64-byte boundary, as tensors safetensors loads
   may not: both go in 64-byte aligned (:func:`aligned`).
 * int4, CPU: ``aten._convert_weight_to_int4pack_for_cpu(q int32 (N, K) in 0..15, 1)`` then

@@ -136,7 +136,8 @@ class Int8WeightOnlyLinear(_WeightOnlyLinear):
     """``nn.Linear`` with an int8 weight (out, in) and fp32 per-output-channel scales (out,).
 
     ``forward`` runs ``aten._weight_int8pack_mm`` on CPU and CUDA (bf16 activations, the
-    stored weight as it is), else dequantizes (see the module docstring)."""
+    stored weight itself, moved to a 64-byte boundary once if need be), else dequantizes
+    (see the module docstring)."""
 
     def __init__(
         self,
