@@ -21,8 +21,8 @@ by ``baobab quantize``'s code; each export's engine, with the threads the server
 give it (``--threads`` overrides), decodes one request (batch 1: the memory-bound case
 quantization is for). The engines take turns step by step, so a busy spell on a shared
 machine slows all three alike; each round prints each engine's median decode step and
-fp32's over the quantized ones', and the result is the median of those ratios. With ``--profile`` it prints the
-op table of 20 int8 decode steps.
+fp32's over the quantized ones', and the result is the median of those ratios. With
+``--profile`` it prints the op tables of 20 fp32 and 20 int8 decode steps.
 
     python benchmarks/serve_engine.py [--model gpt-mini] [--concurrency 16] [--profile]
     python benchmarks/serve_engine.py --quantized [--model gpt2-124m] [--output-len 32]
@@ -155,9 +155,10 @@ def quantized_decode(args: argparse.Namespace) -> None:
             flush=True)  # fmt: skip
     print(f"{args.model} batch-1 decode vs fp32 (median of {args.rounds} rounds): " + ", ".join(
         f"{k} {statistics.median(v):.2f}x" for k, v in ratios.items()))  # fmt: skip
-    if args.profile:
-        torch.set_num_threads(threads["int8"])
-        profile(engines["int8"], [prompt], args.output_len)
+    for kind in ("fp32", "int8") if args.profile else ():
+        print(f"\n{kind}:")
+        torch.set_num_threads(threads[kind])
+        profile(engines[kind], [prompt], args.output_len)
 
 
 def main() -> None:
