@@ -8,7 +8,9 @@ Linux only) over the timed steps, compile and warm-up included.
 
 Inference (a trained checkpoint, by default the quickstart's): fp32 vs int8 vs int4 export;
 file size, peak memory, forward tokens/s and held-out perplexity, via
-``baobab.export.quantization_report``.
+``baobab.export.quantization_report``. The int8 and int4 linears run torch's fused kernels
+with bf16 activations, so their perplexity change includes that rounding. Batch-1 decode
+speed is ``benchmarks/serve_engine.py --quantized``'s.
 
     baobab quickstart                 # once, for the checkpoint and the prepared corpus
     python benchmarks/optimize.py [--model gpt-mini] [--steps 20]

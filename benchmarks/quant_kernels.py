@@ -1,5 +1,5 @@
 """Weight-only int8/int4 matmul kernels on this CPU, against the fp32 linear and against
-baobab's current quantized forward (dequantize, then ``F.linear``).
+dequantize-then-``F.linear`` (baobab's quantized forward where no fused kernel runs).
 
 torch's CPU build ships fused weight-only kernels: ``aten._weight_int8pack_mm`` (int8
 weight, per-channel scales) and ``aten._weight_int4pack_mm_for_cpu`` (int4 weight packed by
@@ -65,7 +65,7 @@ def kernels(
     w_bf16, s8_bf16, sz_bf16 = w.bfloat16(), scales.bfloat16(), sz.bfloat16()
     deq8 = q8.float() * scales[:, None]
     deq4 = ((q4.view(out_f, -1, group) - 8) * s4[..., None] + (lo + 8 * s4)[..., None]).view(out_f, in_f)  # fmt: skip
-    reference = {"fp32 linear": w, "bf16 linear": w, "int8 dequantize (today)": deq8}
+    reference = {"fp32 linear": w, "bf16 linear": w, "int8 dequantize": deq8}
     reference.update({f"int8pack {d} x": deq8 for d in ("fp32", "bf16")})
     reference.update({f"int4pack {d} x": deq4 for d in ("fp32", "bf16")})
 
@@ -82,7 +82,7 @@ def kernels(
     fns = {
         "fp32 linear": lambda x: F.linear(x, w),
         "bf16 linear": lambda x: F.linear(x.bfloat16(), w_bf16).float(),
-        "int8 dequantize (today)": lambda x: F.linear(x, q8.float() * scales[:, None]),
+        "int8 dequantize": lambda x: F.linear(x, q8.float() * scales[:, None]),
         "int8pack fp32 x": int8_pack(torch.float32),
         "int8pack bf16 x": int8_pack(torch.bfloat16),
         "int4pack fp32 x": int4_pack(torch.float32),

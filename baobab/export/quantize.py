@@ -1,8 +1,13 @@
 """Weight-only int8/int4 quantization as a module swap, and quantized export directories.
 
 Like gpt-fast, every ``nn.Linear`` (but the skipped ones, e.g. a head tied to the token
-embedding) is replaced by a module that stores integer weights and dequantizes them in
-``forward``; the model's own ``forward`` never branches on quantization.
+embedding) is replaced by a module that stores integer weights; the model's own
+``forward`` never branches on quantization. ``forward`` runs torch's fused weight-only
+kernel (``quant_fused.py``: bf16 activations, the weight converted to the kernel's layout
+once, on first use or at load) on CPU and CUDA, and dequantizes the weight and runs
+``F.linear`` where that kernel cannot run: another device, an int4 linear whose
+out_features is not a multiple of 16 (CPU) or 8 (CUDA), int4 on a GPU older than sm80, or
+an input that requires grad.
 
 * int8: per-output-channel symmetric. ``w ≈ q * scale[o]`` with q in [-127, 127] and
   ``scale[o] = max_i |w[o, i]| / 127``, so every element is off by at most scale / 2.
@@ -34,6 +39,15 @@ from torch import nn
 
 from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, read_config
 from baobab.export.atomic import atomic_directory
+from baobab.export.quant_fused import (
+    Kernel,
+    aligned,
+    fused_linear,
+    int4_supported,
+    int8_supported,
+    prepare_int4,
+    prepare_int8,
+)
 from baobab.models.common.init import load_weights
 
 BITS = (8, 4)
@@ -77,8 +91,53 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------- the modules
-class Int8WeightOnlyLinear(nn.Module):
-    """``nn.Linear`` with an int8 weight (out, in) and fp32 per-output-channel scales (out,)."""
+class _WeightOnlyLinear(nn.Module):
+    """What the int8 and int4 linears share: ``forward`` through the fused kernel, prepared
+    once per stored weight, or through the dequantized weight where it cannot run.
+
+    The prepared kernel is a plain attribute (not in the state dict: the export format is
+    the stored buffers alone), remade when ``weight`` is another tensor (moved, loaded)."""
+
+    weight: torch.Tensor
+    bias: nn.Parameter | None
+
+    def _init_fused(self) -> None:
+        self._fused_source: torch.Tensor | None = None  # the weight `_fused` was made from
+        self._fused: Kernel | None = None
+
+    def _kernel_supported(self) -> bool:
+        raise NotImplementedError
+
+    def _prepare_kernel(self) -> Kernel:
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+    def fused_kernel(self) -> Kernel | None:
+        """The fused op with this weight bound (made now if not yet), or None where it
+        cannot run (then ``forward`` dequantizes)."""
+        if self._fused_source is not self.weight:
+            ready = not self.weight.is_meta and self._kernel_supported()
+            with torch.no_grad():
+                self._fused = self._prepare_kernel() if ready else None
+            self._fused_source = self.weight  # after: the int8 one may align its weight
+        return self._fused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.fused_kernel()
+        if kernel is None or x.requires_grad:  # the fused ops have no backward
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return F.linear(x, self.dequantize(x.dtype), bias)
+        return fused_linear(x, kernel, self.bias)
+
+
+class Int8WeightOnlyLinear(_WeightOnlyLinear):
+    """``nn.Linear`` with an int8 weight (out, in) and fp32 per-output-channel scales (out,).
+
+    ``forward`` runs ``aten._weight_int8pack_mm`` on CPU and CUDA (bf16 activations, the
+    stored weight itself, moved to a 64-byte boundary once if need be), else dequantizes
+    (see the module docstring)."""
 
     def __init__(
         self,
@@ -97,6 +156,7 @@ class Int8WeightOnlyLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         )
+        self._init_fused()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8WeightOnlyLinear:
@@ -110,16 +170,25 @@ class Int8WeightOnlyLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return (self.weight.to(torch.float32) * self.scales[:, None]).to(dtype)  # (out, in)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
+    def _kernel_supported(self) -> bool:
+        return int8_supported(self.weight)
+
+    def _prepare_kernel(self) -> Kernel:
+        # The kernel binds the weight itself: one not 64-byte aligned (safetensors may load
+        # it so) becomes an aligned copy of itself, once, rather than a second copy.
+        self.weight = aligned(self.weight)
+        return prepare_int8(self.weight, self.scales)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits=8"
 
 
-class Int4WeightOnlyLinear(nn.Module):
-    """``nn.Linear`` with a group-wise 4-bit weight packed two per byte (out, in // 2)."""
+class Int4WeightOnlyLinear(_WeightOnlyLinear):
+    """``nn.Linear`` with a group-wise 4-bit weight packed two per byte (out, in // 2).
+
+    ``forward`` runs torch's int4 kernel (bf16 activations; the weight repacked into its
+    layout once, an extra in // 2 bytes per row) where out_features is a multiple of 16
+    on CPU, or of 8 on an sm80+ GPU; else it dequantizes (see the module docstring)."""
 
     def __init__(
         self,
@@ -144,6 +213,7 @@ class Int4WeightOnlyLinear(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         )
+        self._init_fused()
 
     @classmethod
     def from_linear(
@@ -171,9 +241,12 @@ class Int4WeightOnlyLinear(nn.Module):
             w = w + self.zeros[..., None]
         return w.view(self.out_features, self.in_features).to(dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize(x.dtype), bias)
+    def _kernel_supported(self) -> bool:
+        return int4_supported(self.weight)
+
+    def _prepare_kernel(self) -> Kernel:
+        values = unpack_int4(self.weight)  # (out, in) in 0..15
+        return prepare_int4(values, self.scales, self.zeros, self.group_size)
 
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
@@ -329,6 +402,9 @@ def load_quantized(
     _swap(model, tuple(quant.get("skip", DEFAULT_SKIP)), empty)
     stored = load_file(path / MODEL_FILE, device=str(torch.device(device)))
     load_weights(model, stored, str(path / MODEL_FILE), against="its config.json")
+    for module in model.modules():  # the fused kernels' weight layouts, made once, now
+        if isinstance(module, QUANTIZED_LINEARS):
+            module.fused_kernel()
     return model.eval(), config
 
 

@@ -129,14 +129,15 @@ def test_logits_are_bitwise_independent_of_batch_mates(variant, pack):
     assert torch.equal(alone, batched)
 
 
-def test_quantized_linears_run_unchanged_and_stay_batch_invariant():
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_linears_run_unchanged_and_stay_batch_invariant(bits):
     model = random_gpt(scale=0.05)
     ids = torch.randint(0, 259, (1, 20), generator=torch.Generator().manual_seed(2))
-    quantize_model(model, bits=8)
+    quantize_model(model, bits=bits)
     with torch.no_grad():
         expected = model(ids)[0]
     runner = runner_for(copy.deepcopy(model))
-    assert runner.row_multiple == 4  # the int8 modules are not packed
+    assert runner.row_multiple == 1  # torch's fused int8/int4 kernels: rows not padded
     got = runner.execute([SeqInput(16, 0, ids[0].tolist(), True)], all_logits=True)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     alone, batched = _alone_and_batched(runner)
