@@ -90,7 +90,9 @@ def model_rows(
     """The exports of ``name``, its workloads, its rows by name and their servers' launchers."""
     export, hf_dir, vocab = make_exports(name, work, args.seed)
     context = context_length(export)
-    int8 = quantize_export(export, work / f"{name}-int8", bits=8)
+    # int8 with the head quantized too, as llama.cpp's q8_0 (``baobab quantize --head``);
+    # serve_engine.py --quantized also times the default export, whose head stays fp32.
+    int8 = quantize_export(export, work / f"{name}-int8", bits=8, skip=())
     int4 = quantize_export(export, work / f"{name}-int4", bits=4)
     ends = sorted({1, max(args.concurrency)})
     common = dict(input_len=args.input_len, output_len=args.output_len, vocab=vocab,
@@ -121,7 +123,7 @@ def model_rows(
         "random": Row("baobab", "fp32", workloads["random"], args.concurrency),
         "shared-prefix": Row("baobab", "fp32", workloads["shared-prefix"], ends),
         "corpus": Row("baobab", "fp32", workloads["corpus"], ends),
-        "int8": Row("baobab int8", "int8", workloads["fixed"], [1]),
+        "int8": Row("baobab int8 (head too)", "int8", workloads["fixed"], [1]),
         "int4": Row("baobab int4", "int4", workloads["fixed"], [1]),
         "no-cache": Row("baobab, prefix caching off", "no-cache", workloads["shared-prefix"],
                         ends, cache_skip),

@@ -63,7 +63,7 @@ def bench_llama_cpp(args: argparse.Namespace, work: Path) -> dict:
     binary, source = os.environ[LLAMA_SERVER_ENV], Path(os.environ[LLAMA_CPP_DIR_ENV])
     export, hf_dir, vocab = make_exports(SHAPE, work, args.seed)
     context = context_length(export)
-    int8 = quantize_export(export, work / f"{SHAPE}-int8", bits=8)
+    int8 = quantize_export(export, work / f"{SHAPE}-int8", bits=8, skip=())  # as q8_0: head too
     gguf = {t: convert(source, hf_dir, work / f"{SHAPE}-{t}.gguf", t) for t in ("f32", "q8_0")}
     top = max(args.concurrency)
     launchers = {

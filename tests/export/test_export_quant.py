@@ -136,6 +136,18 @@ def test_save_load_round_trip_is_bit_identical_and_does_not_requantize(
     assert not (tmp_path / "again").exists()
 
 
+def test_the_head_can_be_quantized_too(trained, tmp_path):
+    out = q.quantize_export(trained, tmp_path / "int8-head", 8, skip=())
+    loaded, config = q.load_quantized(out)
+    assert config["quantization"]["skip"] == []
+    assert type(loaded.output) is q.Int8WeightOnlyLinear
+    assert loaded.tok_embeddings.weight.dtype == torch.float32  # lookups stay exact
+    expected = q.quantize_model(load_exported(trained)[0], 8, skip=())
+    x = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), expected(x), rtol=0, atol=0)
+
+
 def _linear_bytes(path: Path) -> int:
     """Bytes of the swapped linears' tensors (everything but embeddings, norms, head)."""
     total = 0
