@@ -70,7 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from baobab.export.quantize import QUANTIZED_LINEARS
+from baobab.export.quantize import QUANTIZED_LINEARS, Int8WeightOnlyLinear
 from baobab.models.gpt import GPT
 from baobab.serve.kv_cache import KVCache
 
@@ -143,13 +143,17 @@ class FusedLinears(nn.Module):
     linear of the part's own input; only the saving depends on the call order.
     """
 
-    def __init__(self, linears: Sequence[nn.Linear]) -> None:
+    def __init__(self, linears: Sequence[nn.Linear | Int8WeightOnlyLinear]) -> None:
         super().__init__()
         first = linears[0]
         weight = torch.cat([m.weight.detach() for m in linears])  # (sum out, in)
         bias = None if first.bias is None else torch.cat([m.bias.detach() for m in linears])
-        fused = nn.Linear(first.in_features, weight.shape[0], bias=bias is not None, device="meta")
-        fused.weight = nn.Parameter(weight, requires_grad=False)
+        if type(first) is Int8WeightOnlyLinear:  # per output channel: scales stack too
+            fused = Int8WeightOnlyLinear(first.in_features, weight.shape[0], bias is not None)
+            fused.weight, fused.scales = weight, torch.cat([m.scales for m in linears])
+        else:
+            fused = nn.Linear(first.in_features, weight.shape[0], bias is not None, device="meta")
+            fused.weight = nn.Parameter(weight, requires_grad=False)
         fused.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.linear: nn.Module = fused
         self.sizes = [m.out_features for m in linears]
@@ -197,12 +201,13 @@ class _FusedPart(nn.Module):
 
 def fuse_linears(parent: nn.Module, names: Sequence[str]) -> bool:
     """Swap ``parent``'s linears ``names`` for parts of one :class:`FusedLinears`; False
-    (nothing swapped) unless all are plain ``nn.Linear`` of one input size, all with or
-    without bias (a quantized or LoRA linear stays as it is)."""
+    (nothing swapped) unless all are plain ``nn.Linear`` or all int8 weight-only linears
+    (per-channel: their rows stack), of one input size, all with or without bias (an int4
+    or LoRA linear stays as it is)."""
     linears = [getattr(parent, name, None) for name in names]
     first = linears[0]
     if not all(
-        type(m) is nn.Linear
+        type(m) is type(first) in (nn.Linear, Int8WeightOnlyLinear)
         and m.in_features == first.in_features
         and (m.bias is None) == (first.bias is None)
         for m in linears

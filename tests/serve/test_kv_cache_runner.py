@@ -138,6 +138,8 @@ def test_quantized_linears_run_unchanged_and_stay_batch_invariant(bits):
         expected = model(ids)[0]
     runner = runner_for(copy.deepcopy(model))
     assert runner.row_multiple == 1  # torch's fused int8/int4 kernels: rows not padded
+    # int8's per-channel weights stack: wq/wk/wv run as one kernel call (int4 stays apart)
+    assert isinstance(runner.model.layers["0"].attention.wq, _FusedPart) == (bits == 8)
     got = runner.execute([SeqInput(16, 0, ids[0].tolist(), True)], all_logits=True)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
     alone, batched = _alone_and_batched(runner)
