@@ -223,7 +223,8 @@ def bench_model(name: str, args: argparse.Namespace, work: Path, corpus: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["gpt-mini", "gpt2-124m"])  # none: llama.cpp only
+    # --models with no name: only the llama.cpp rows
+    parser.add_argument("--models", nargs="*", default=["gpt-mini", "gpt2-124m"])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=64)
