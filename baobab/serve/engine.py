@@ -8,6 +8,11 @@ prompt logprobs also gets every row of its prompt chunks scored as they are comp
 (log_softmax + top-k, chunk by chunk), handed out with its first output; one for 0 tokens
 finishes once its prompt is computed.
 
+Three features ride on the step: prefix caching (the scheduler's planned copies of cached
+blocks run before the forward, ``prefix_cache.py``), speculative decoding (decodes carry
+proposals that the same forward verifies, ``speculative.py``) and structured output (a
+grammar masks its own request's row before sampling, ``structured.py``).
+
 The engine is single-threaded; :class:`~baobab.serve.engine_core.EngineCore` drives it one
 round at a time, on a thread (``async_engine.py``) or in a process (``engine_process.py``).
 """
@@ -26,7 +31,7 @@ from baobab.serve.kv_cache import num_blocks_for
 from baobab.serve.prefix_cache import block_hashes
 from baobab.serve.runner import ModelRunner, SeqInput
 from baobab.serve.sampler import make_generator, sample_rows, top_logprobs
-from baobab.serve.scheduler import SchedRequest, Scheduler
+from baobab.serve.scheduler import SchedRequest, ScheduledSeq, Scheduler
 from baobab.serve.speculative import DraftProposer, NgramProposer, accept, target_probs
 from baobab.serve.structured import Grammars, consume
 from baobab.serve.types import (
@@ -252,7 +257,9 @@ class Engine:
         outputs = self._update(sampled, logits[rows])
         return outputs + [self._verify(*v) for v in verified]
 
-    def _propose(self, plan: list) -> dict[int, tuple[list[int], torch.Tensor | None]]:
+    def _propose(
+        self, plan: list[ScheduledSeq]
+    ) -> dict[int, tuple[list[int], torch.Tensor | None]]:
         """Speculative proposals for the plan's decodes that can take them: up to
         ``num_speculative_tokens``, never past ``max_tokens``."""
         if self.proposer is None:
@@ -272,7 +279,13 @@ class Engine:
         drafts = self.proposer.propose([(r, r.block * bs, k) for _, r, k in wanted])
         return {i: d for (i, _, _), d in zip(wanted, drafts)}
 
-    def _verify(self, s, logits: torch.Tensor, proposals: list[int], draft) -> RequestOutput:
+    def _verify(
+        self,
+        s: ScheduledSeq,
+        logits: torch.Tensor,
+        proposals: list[int],
+        draft: torch.Tensor | None,
+    ) -> RequestOutput:
         """Keep what the target accepts of ``proposals`` (``speculative.accept``), emit it
         plus one token, and roll the request's computed count back to the kept tokens."""
         r: Request = s.request
