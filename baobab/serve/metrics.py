@@ -57,28 +57,28 @@ class _EngineGauges(Collector):
         if current is None:
             return
         model, stats = current
-        for name, doc, value in (
+        spec = stats.spec
+        gauges = (
             ("baobab_requests_running", "Requests holding KV cache.", stats.running),
             ("baobab_requests_waiting", "Requests queued for admission.", stats.waiting),
             ("baobab_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", stats.kv_cache_usage),
             ("baobab_kv_cache_blocks_used", "KV-cache blocks in use.", stats.kv_cache_blocks_used),
             ("baobab_kv_cache_blocks_total", "KV-cache blocks in all.", stats.kv_cache_blocks_total),
-            ("baobab_spec_decode_acceptance_ratio", "Speculative tokens accepted / proposed.", stats.spec.acceptance_rate),
-            ("baobab_spec_decode_tokens_per_step", "Tokens per speculative verify step.", stats.spec.tokens_per_step),
-        ):  # fmt: skip
-            family = GaugeMetricFamily(name, doc, labels=["model"])
-            family.add_metric([model], float(value))
-            yield family
-        for name, doc, value in (
+            ("baobab_spec_decode_acceptance_ratio", "Speculative tokens accepted / proposed.", spec.acceptance_rate),
+            ("baobab_spec_decode_tokens_per_step", "Tokens per speculative verify step.", spec.tokens_per_step),
+        )  # fmt: skip
+        counters = (  # the engine's own totals since start-up
             ("baobab_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
             ("baobab_prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits),
-            ("baobab_spec_decode_drafts", "Speculative verify steps.", stats.spec.drafts),
-            ("baobab_spec_decode_draft_tokens", "Speculative tokens proposed.", stats.spec.draft_tokens),
-            ("baobab_spec_decode_accepted_tokens", "Speculative tokens accepted.", stats.spec.accepted_tokens),
-        ):  # fmt: skip
-            counter = CounterMetricFamily(name, doc, labels=["model"])
-            counter.add_metric([model], float(value))
-            yield counter
+            ("baobab_spec_decode_drafts", "Speculative verify steps.", spec.drafts),
+            ("baobab_spec_decode_draft_tokens", "Speculative tokens proposed.", spec.draft_tokens),
+            ("baobab_spec_decode_accepted_tokens", "Speculative tokens accepted.", spec.accepted_tokens),
+        )  # fmt: skip
+        for kind, series in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, doc, value in series:
+                family = kind(name, doc, labels=["model"])
+                family.add_metric([model], float(value))
+                yield family
 
 
 class ServerMetrics:

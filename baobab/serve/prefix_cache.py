@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -37,7 +38,7 @@ def block_hashes(
     for start in range(0, end - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
         digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(b"".join(t.to_bytes(4, "little") for t in block))
+        digest.update(array("I", block).tobytes())  # 4 bytes a token id
         parent = digest.digest()
         hashes.append(parent)
     return hashes

@@ -83,10 +83,11 @@ def accept(
         if uniform[i] * q < p[d].item():  # u < p(d) / q(d), without dividing by 0
             out.append(d)
             continue
-        residual = p - draft_probs[i] if draft_probs is not None else p.clone()
-        if draft_probs is None:
+        if draft_probs is None:  # a point mass at d: the residual is p without d
+            residual = p.clone()
             residual[d] = 0.0
-        residual = residual.clamp_(min=0.0)
+        else:
+            residual = (p - draft_probs[i]).clamp_(min=0.0)
         if residual.sum() <= 0:  # p == q up to rounding: any draw from p is exact
             residual = p
         out.append(int(torch.multinomial(residual, 1, generator=generator)))
@@ -155,6 +156,6 @@ class DraftProposer:
                          proposals[i][-1:], True)
                 for i in active
             ]  # fmt: skip
-        for (r, _, k), _p in zip(batch, proposals):
+        for r, _, k in batch:
             r.draft_computed = r.num_tokens + k - 1  # the last proposal's keys: not computed
         return [(p, torch.stack(d) if d else None) for p, d in zip(proposals, dists)]
