@@ -26,7 +26,7 @@ FLOW: list[set[str]] = [
     {"models"},
     {"optim", "parallel", "checkpoint", "horovod"},
     {"export"},
-    {"train"},
+    {"train", "explain"},  # explain: Captum and hooks around a finished model
     {"serve"},
     {"launch"},  # the torchrun launcher: nothing of baobab
     {"commands"},  # typed functions; never the CLI that parses for them
