@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from baobab.data.tokenizer import Tokenizer
-from baobab.explain.types import METHODS, ExplainError, TextExplanation
+from baobab.explain.types import METHODS, ExplainError, Explanation, TextExplanation
 
 Progress = Callable[[int], None]
 
@@ -66,7 +66,7 @@ def explain(
     top_k: int = 5,
     internal_batch_size: int = 16,
     progress: Progress | None = None,
-):
+) -> Explanation:
     """Explain ``model``'s output; returns a typed result with ``to_json()``.
 
     Language models (gpt, lstm, bert) take ``prompt`` and one of: ``target`` (a text whose

@@ -31,9 +31,10 @@ class Attribution:
 
     method: str
     """"ig", "grad_x_input" or "occlusion"."""
-    scores: list[float]
-    """One score per unit; for integrated gradients they sum to f(input) - f(baseline)
-    up to ``delta``."""
+    scores: list[float] | torch.Tensor
+    """One score per unit (a list over tokens; a tensor of the input's shape for an image
+    (C, H, W) or a vector (F,)); for integrated gradients they sum to
+    f(input) - f(baseline) up to ``delta``."""
     delta: float | None = None
     """Integrated gradients' convergence delta: sum(scores) - (f(input) - f(baseline))."""
 
@@ -115,6 +116,64 @@ class TextExplanation:
 
     def to_json(self) -> dict[str, Any]:
         return to_json(self)
+
+
+@dataclass
+class InputItem:
+    """One explained input of an image or vector model."""
+
+    index: int
+    """Its row in the explained inputs."""
+    label: int | None
+    """The explained class (None for a regression output)."""
+    label_name: str | None
+    value: float
+    """The explained output: the label's logit, or the regression output."""
+    probability: float | None
+    """softmax probability of ``label`` (classification)."""
+    attributions: list[Attribution]
+    """One per method, scores shaped like one input."""
+
+
+@dataclass
+class ImageExplanation:
+    """An explanation of an image classifier (resnet, or an mlp over flattened pixels)."""
+
+    family: str
+    images: torch.Tensor
+    """(N, C, H, W) float32 in [0, 1], as explained."""
+    items: list[InputItem]
+    gradcam: torch.Tensor | None = None
+    """(N, H, W) Grad-CAM heat-maps upsampled to the image size, or None where the model
+    has no layer with a feature map of at least 2x2 (an mlp, or a too-small image)."""
+    gradcam_layer: str | None = None
+    """The module whose output Grad-CAM read."""
+    methods: list[str] = field(default_factory=list)
+    ig_steps: int = 0
+    kind: str = "image"
+
+    def to_json(self) -> dict[str, Any]:
+        return to_json(self)
+
+
+@dataclass
+class FeatureExplanation:
+    """An explanation of a model over feature vectors (the seed's regression mlp)."""
+
+    family: str
+    inputs: torch.Tensor
+    """(N, F) float32, as explained."""
+    feature_names: list[str]
+    items: list[InputItem]
+    methods: list[str] = field(default_factory=list)
+    ig_steps: int = 0
+    kind: str = "features"
+
+    def to_json(self) -> dict[str, Any]:
+        return to_json(self)
+
+
+Explanation = TextExplanation | ImageExplanation | FeatureExplanation
 
 
 def to_json(value: Any) -> Any:
