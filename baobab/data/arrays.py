@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+# Pillow's names for the formats of IMAGE_EXTENSIONS: the only decoders tried on bytes a
+# user sends or names (serving, ``baobab explain --inputs``).
+IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 
 
 class BatchDataset(Protocol):
@@ -167,6 +170,24 @@ def load_image_folder(
         x[i] = arr[None] if gray else arr.transpose(2, 0, 1)
     y = np.array([label for _, label in files], dtype=np.int64)
     return ArrayDataset(x, y, classes), classes
+
+
+def decode_image(data: bytes, channels: int, side: int, index: int = 0) -> np.ndarray:
+    """Encoded image bytes -> float32 (C, side, side) in [0, 1], preprocessed as
+    :func:`load_image_folder` does: converted to "L" (C=1) or "RGB" (C=3), resized with
+    bilinear filtering. ValueError (naming image ``index``) for bytes Pillow cannot decode."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            img = img.resize((side, side), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
+    except Exception:  # Pillow raises many types for bad bytes: one sentence for all
+        raise ValueError(f"image {index} could not be decoded; send PNG or JPEG bytes.") from None
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 def load_digits() -> tuple[ArrayDataset, list[str]]:

@@ -11,7 +11,6 @@ or "class_names") when present, else they are class indices as strings.
 from __future__ import annotations
 
 import asyncio
-import io
 import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,11 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from baobab.data.arrays import decode_image  # shared with ``baobab explain --inputs``
 from baobab.models.mlp import MLP
 from baobab.models.resnet import ResNet
-
-# The formats training reads (baobab.data.arrays.IMAGE_EXTENSIONS); Pillow tries only these.
-FORMATS = ("PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF")
 
 
 def image_shape(model: nn.Module) -> tuple[int, int, bool]:
@@ -57,20 +54,6 @@ def class_labels(config: dict[str, Any], num_classes: int) -> list[str]:
             f"config.json lists {len(names)} labels but the model has {num_classes} classes."
         )
     return [str(n) for n in names]
-
-
-def decode_image(data: bytes, channels: int, side: int, index: int = 0) -> np.ndarray:
-    """Encoded image bytes -> float32 (C, side, side) in [0, 1], as training preprocesses."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            img = img.resize((side, side), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.float32) / 255.0  # (H, W) or (H, W, 3)
-    except Exception:  # Pillow raises many types for bad bytes: one sentence for all
-        raise ValueError(f"image {index} could not be decoded; send PNG or JPEG bytes.") from None
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 class AsyncClassifier:
