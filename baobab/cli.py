@@ -83,6 +83,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "hf": {"export": commands.hf_export, "import": commands.hf_import},
     "bench": {"serve": "baobab.serve.bench:bench_serve"},
     "serve": "baobab.serve.http_command:serve",
+    "explain": "baobab.explain.command:explain_command",
 }
 BUILT_IN = ("train", "finetune", "prepare", "plan")  # parsers of their own, below
 
