@@ -10,9 +10,11 @@ and resized as training and serving preprocess them (``baobab.data.arrays.decode
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,8 +110,8 @@ def explain_command(
         progress: show a progress bar of the work (integration steps x tokens).
         explain: device and batching.
     """
-    if isinstance(explain, dict):  # a library caller may pass the flags' dict
-        explain = ExplainConfig(**explain)
+    if not isinstance(explain, ExplainConfig):  # the CLI hands nested flags over as a namespace
+        explain = ExplainConfig(**(explain if isinstance(explain, dict) else vars(explain)))
     method_list = api.check_methods(methods)
     for name, value in (("ig_steps", ig_steps), ("top_k", top_k)):
         if value < 1:
@@ -135,19 +137,31 @@ def explain_command(
         from baobab.data import Tokenizer
 
         tokenizer = Tokenizer.load(opened.tokenizer_file)
-        total = text_work(tokenizer, prompt, target, completion, max_tokens,
-                          method_list, ig_steps)  # fmt: skip
+        total = text_work(
+            tokenizer, family, prompt, target, completion, max_tokens, method_list, ig_steps
+        )
     else:
         if not inputs:
             raise ExplainError(f"a {family} model needs --inputs (.npy arrays or image files).")
         batch = load_inputs(model, family, inputs).to(device)
-        total = len(batch) * unit_work(method_list, ig_steps, 1)
+        total = input_work(batch, method_list, ig_steps)
     args = dict(
-        prompt=prompt, target=target, contrast=contrast, completion=completion,
-        max_tokens=max_tokens, inputs=inputs, labels=labels, methods=method_list,
-        ig_steps=ig_steps, max_delta=max_delta, top_k=top_k, attention=attention,
-        device=explain.device, internal_batch_size=explain.internal_batch_size,
-    )  # fmt: skip
+        out=out,
+        prompt=prompt,
+        target=target,
+        contrast=contrast,
+        completion=completion,
+        max_tokens=max_tokens,
+        inputs=inputs,
+        labels=labels,
+        methods=",".join(method_list),
+        ig_steps=ig_steps,
+        max_delta=max_delta,
+        top_k=top_k,
+        attention=attention,
+        **{"explain.device": explain.device},
+        **{"explain.internal_batch_size": explain.internal_batch_size},
+    )
     with _progress_bar(total, progress) as bar:
         result = api.explain(
             model,
@@ -179,6 +193,7 @@ def explain_command(
         "family": family,
         "source": opened.source,
         "labels": names,
+        "command": command_line(model_dir, args),
         "args": {k: v for k, v in args.items() if v is not None},
     }
     written = write_report(result, out, meta)
@@ -186,14 +201,26 @@ def explain_command(
     return written
 
 
-def unit_work(methods: list[str], ig_steps: int, positions: int) -> int:
-    """Work units of one explained prediction over ``positions`` occludable positions."""
-    units = {"ig": ig_steps, "grad_x_input": 1, "occlusion": positions}
-    return sum(units[m] for m in methods)
+def command_line(model_dir: str, args: dict[str, Any]) -> str:
+    """The ``baobab explain`` line that asks for ``args`` (flags at their defaults left out)."""
+    defaults = {
+        name: param.default for name, param in inspect.signature(explain_command).parameters.items()
+    }
+    defaults.update({f"explain.{k}": v for k, v in vars(ExplainConfig()).items()})
+    parts = ["baobab", "explain", model_dir]
+    for name, value in args.items():
+        if value is None or value == defaults.get(name):
+            continue
+        if isinstance(value, list):
+            parts += [item for v in value for item in (f"--{name}+", str(v))]
+        else:
+            parts += [f"--{name}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return shlex.join(parts)
 
 
 def text_work(
     tokenizer: Any,
+    family: str,
     prompt: str,
     target: str | None,
     completion: str | None,
@@ -201,16 +228,24 @@ def text_work(
     methods: list[str],
     ig_steps: int,
 ) -> int:
-    """The progress bar's total for a text explanation: per explained token, its units
-    over a context that grows by one token per step (an estimate; the bar ends full)."""
-    context = max(len(tokenizer.encode(prompt, allow_special=True)), 1)
-    if completion is not None:
+    """The progress bar's total for a text explanation: :func:`api.planned_units` over the
+    context of each explained token (it grows by one per generated token; greedy
+    generation may stop early at end-of-text, and the bar then ends full anyway)."""
+    prompt_ids = tokenizer.encode(prompt, allow_special=family == "bert")
+    context = max(len(prompt_ids), 1)
+    if target is None and completion is not None and family != "bert":
         steps = max(len(tokenizer.encode(completion)), 1)
-    elif max_tokens:
-        steps = max_tokens
+    elif target is None and family != "bert":
+        steps = max(max_tokens, 1)
     else:
-        steps = 1 if target is None else max(len(tokenizer.encode(target)), 1)
-    return sum(unit_work(methods, ig_steps, context + i) for i in range(steps))
+        steps = 1
+    return api.planned_units(methods, ig_steps, [context + i for i in range(steps)])
+
+
+def input_work(batch: torch.Tensor, methods: list[str], ig_steps: int) -> int:
+    """The progress bar's total for image and vector inputs: each input is one explained
+    prediction (an estimate for occlusion, whose windows the vision half chooses)."""
+    return api.planned_units(methods, ig_steps, [1] * len(batch))
 
 
 class _Bar:
@@ -325,10 +360,13 @@ def _summary(result, out: Path) -> None:
         deltas = ", ".join(
             f"{a.method} delta {a.delta:.2g}" for a in step.attributions if a.delta is not None
         )
-        print(f"-> {step.target!r}: log p {step.logprob:.3f}" + (f" ({deltas})" if deltas else ""))
+        what = f"-> {step.target!r}: log p {step.logprob:.3f}"
+        if step.contrast is not None:
+            what += f", rather than {step.contrast!r}: {step.value:.3f}"
+        print(what + (f" ({deltas})" if deltas else ""))
     for item in getattr(result, "items", []):
         print(f"input {item.index}: value {item.value:.4g}")
     print(f"report: {out / 'report.html'}")
 
 
-__all__ = ["ExplainConfig", "explain_command", "load_inputs", "text_work", "unit_work"]
+__all__ = ["ExplainConfig", "explain_command", "load_inputs", "input_work", "text_work"]

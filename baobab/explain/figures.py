@@ -133,7 +133,10 @@ def attribution_strip(result: TextExplanation, method: str) -> Figure:
         "context position (red: for the target, blue: against; per-row scale)", fontsize=7
     )
     delta = [a.delta for s in steps for a in s.attributions if a.method == method and a.delta]
-    title = f"{method} attributions of log p(target) over {len(longest.context)} tokens"
+    value = "log p(target)"
+    if any(s.contrast is not None for s in steps):
+        value += " - log p(contrast)"
+    title = f"{method} attributions of {value} over {len(longest.context)} tokens"
     if delta:
         title += f" (largest |delta| {max(abs(d) for d in delta):.2g})"
     ax.set_title(title, fontsize=8)
