@@ -105,8 +105,10 @@ def attribution_strip(result: TextExplanation, method: str) -> Figure:
             1 - 1.05 / fig.get_figheight(),
         )
     )
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
-    image.cmap.set_bad("#eeeeee")
+    from matplotlib import colormaps
+
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#eeeeee")  # grey: not in this row's context
+    ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
     longest = max(steps, key=lambda s: len(s.context))
     if columns <= CELL_TEXT_MAX:
         for row, step in enumerate(steps):
