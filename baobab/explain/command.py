@@ -72,10 +72,10 @@ def explain_command(
     model_dir: str,
     /,
     out: str = "runs/explain",
-    prompt: str | None = None,
-    target: str | None = None,
-    contrast: str | None = None,
-    completion: str | None = None,
+    prompt: str = "",
+    target: str = "",
+    contrast: str = "",
+    completion: str = "",
     max_tokens: int = 0,
     inputs: list[str] | None = None,
     labels: list[int] | None = None,
@@ -110,6 +110,11 @@ def explain_command(
         progress: show a progress bar of the work (integration steps x tokens).
         explain: device and batching.
     """
+    # Texts are plain ``str`` flags, "" meaning none: jsonargparse would read an optional
+    # string as YAML, so that --target " #" (a comment) or "null" would become None.
+    prompt, target, contrast, completion = (
+        t or None for t in (prompt, target, contrast, completion)
+    )
     if not isinstance(explain, ExplainConfig):  # the CLI hands nested flags over as a namespace
         explain = ExplainConfig(**(explain if isinstance(explain, dict) else vars(explain)))
     method_list = api.check_methods(methods)
@@ -144,7 +149,7 @@ def explain_command(
         if not inputs:
             raise ExplainError(f"a {family} model needs --inputs (.npy arrays or image files).")
         batch = load_inputs(model, family, inputs).to(device)
-        total = input_work(batch, method_list, ig_steps)
+        total = input_work(model, batch, method_list, ig_steps)
     args = dict(
         out=out,
         prompt=prompt,
@@ -242,10 +247,13 @@ def text_work(
     return api.planned_units(methods, ig_steps, [context + i for i in range(steps)])
 
 
-def input_work(batch: torch.Tensor, methods: list[str], ig_steps: int) -> int:
-    """The progress bar's total for image and vector inputs: each input is one explained
-    prediction (an estimate for occlusion, whose windows the vision half chooses)."""
-    return api.planned_units(methods, ig_steps, [1] * len(batch))
+def input_work(
+    model: torch.nn.Module, batch: torch.Tensor, methods: list[str], ig_steps: int
+) -> int:
+    """The progress bar's total for image and vector inputs (the vision half counts it)."""
+    from baobab.explain.vision import input_work as planned
+
+    return planned(model, tuple(batch.shape), methods, ig_steps)
 
 
 class _Bar:

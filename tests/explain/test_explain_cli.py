@@ -129,12 +129,13 @@ def test_bert_masked_token_and_lstm_run_directory_with_a_contrast(models, tmp_pa
     assert step["position"] == step["context"].index("<|mask|>")
     assert 'class="tok target"' in (out / "report.html").read_text()
     out = tmp_path / "lstm"
-    code, stdout, err = run(capsys, str(models["lstm"]), "--prompt", "the cat", "--target", " sat",
+    code, stdout, err = run(capsys, str(models["lstm"]), "--prompt", "the cat", "--target", " #",
                             "--contrast", " ran", "--ig_steps", "16", "--out", str(out))  # fmt: skip
     assert code == 0, err
     doc = json.loads((out / "explanation.json").read_text())
     (step,) = doc["steps"]
-    assert step["contrast"] == " ran" and "rather than ' ran'" in stdout
+    # " #" stays a text (an optional string flag would be read as YAML: a comment, None)
+    assert step["target"] == " #" and step["contrast"] == " ran" and "rather than ' ran'" in stdout
     assert step["contrast_logprob"] < 0 and len(step["attributions"][0]["scores"]) == 7
     assert doc["attention"] is None and doc["logit_lens"] is None
     assert sorted(p.name for p in out.glob("*.png")) == ["attributions-ig.png"]
