@@ -175,7 +175,9 @@ def attention_grid(result: TextExplanation) -> Figure:
             if layer == layers - 1:
                 ax.set_xlabel(f"head {head}", fontsize=7)
             if show_tokens and head == 0 and layer == 0:
-                ax.set_yticks(range(tokens), labels, fontsize=4)
+                ax.set_yticks(range(tokens), labels, fontsize=5)
+            if show_tokens and head == 0 and layer == layers - 1:
+                ax.set_xticks(range(tokens), labels, fontsize=5, rotation=90)
     fig.suptitle(f"attention (row: query, column: key) over {tokens} tokens", fontsize=8)
     caption = "Attention weights per layer (rows) and head (columns), recomputed from q and k."
     return _render(fig, "attention.png", caption)
