@@ -144,7 +144,8 @@ def test_bert_masked_token_and_lstm_run_directory_with_a_contrast(models, tmp_pa
 def test_resnet_from_an_npy_array_and_a_png(models, tmp_path, capsys) -> None:
     images = np.random.default_rng(0).random((2, 8, 8), dtype=np.float32)  # (N, H, W) grey
     np.save(tmp_path / "digits.npy", images)
-    Image.fromarray((images[0] * 255).astype(np.uint8), "L").save(tmp_path / "digit.png")
+    pixels = (images[0] * 255).astype(np.uint8)  # (8, 8): the PNG's grey levels
+    Image.fromarray(pixels, "L").save(tmp_path / "digit.png")
     out = tmp_path / "resnet"
     code, _, err = run(capsys, str(models["resnet"]), "--inputs+", str(tmp_path / "digits.npy"),
                        "--inputs+", str(tmp_path / "digit.png"), "--methods", "ig",
@@ -152,7 +153,8 @@ def test_resnet_from_an_npy_array_and_a_png(models, tmp_path, capsys) -> None:
     assert code == 0, err
     doc = json.loads((out / "explanation.json").read_text())
     assert len(doc["items"]) == 3 and np.asarray(doc["images"]).shape == (3, 1, 8, 8)
-    assert np.allclose(doc["images"][2], np.round(images[0] * 255) / 255, atol=1e-6)
+    assert np.allclose(doc["images"][2][0], pixels / 255, rtol=0, atol=1e-6)  # decoded as served
+    assert np.allclose(doc["images"][:2], images[:, None], rtol=0, atol=0)
     assert all(item["label_name"] in doc["meta"]["labels"] for item in doc["items"])
     panels = 2 + (doc["gradcam"] is not None)  # input, [Grad-CAM], ig
     for i in range(3):
