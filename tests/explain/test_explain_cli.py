@@ -18,7 +18,13 @@ from baobab.cli import main
 from baobab.data import Tokenizer, byte_tokenizer
 from baobab.explain import explain
 from baobab.explain.command import text_work
-from baobab.explain.figures import DPI, attention_inches, image_inches, strip_inches
+from baobab.explain.figures import (
+    DPI,
+    attention_inches,
+    feature_inches,
+    image_inches,
+    strip_inches,
+)
 from baobab.export.artifact import save_exported
 from baobab.export.open import open_model
 
@@ -50,6 +56,9 @@ def models(tmp_path_factory) -> dict[str, Path]:
     config = json.loads((found["resnet"] / "config.json").read_text())
     names = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
     (found["resnet"] / "config.json").write_text(json.dumps({**config, "labels": names}))
+    mlp = build_model("mlp", seed=0)  # the seed's regression net: 10 features -> 1
+    described = {"name": "mlp", "family": "mlp", "config": {}}
+    found["mlp"] = save_exported(mlp, root / "mlp", described, "regression", 1)
     return found
 
 
@@ -159,6 +168,22 @@ def test_resnet_from_an_npy_array_and_a_png(models, tmp_path, capsys) -> None:
     panels = 2 + (doc["gradcam"] is not None)  # input, [Grad-CAM], ig
     for i in range(3):
         assert png_size(out / f"image-{i}.png") == inches(image_inches(panels))
+
+
+def test_mlp_features_from_an_npy_array(models, tmp_path, capsys) -> None:
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((3, 10)))
+    out = tmp_path / "mlp"
+    code, _, err = run(capsys, str(models["mlp"]), "--inputs+", str(tmp_path / "x.npy"),
+                       "--methods", "ig,grad_x_input", "--out", str(out))  # fmt: skip
+    assert code == 0, err
+    doc = json.loads((out / "explanation.json").read_text())
+    assert doc["kind"] == "features" and [item["label"] for item in doc["items"]] == [None] * 3
+    assert png_size(out / "features.png") == inches(feature_inches(3, 10))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "explanation.json",
+        "features.png",
+        "report.html",
+    ]
 
 
 BAD = {
