@@ -230,3 +230,16 @@ def test_cuda_device_without_a_gpu_is_one_sentence(models, tmp_path, capsys) -> 
     assert code == 2 and err.strip() == (
         "error: explain.device is cuda but torch sees no CUDA GPU; use cpu."
     )
+
+
+@pytest.mark.cuda
+def test_explains_on_cuda_as_on_cpu(models, tmp_path, capsys) -> None:
+    docs = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        code, _, err = run(capsys, str(models["gpt"]), "--prompt", "def f", "--ig_steps", "16",
+                           "--explain.device", device, "--out", str(out))  # fmt: skip
+        assert code == 0, err
+        docs.append(json.loads((out / "explanation.json").read_text()))
+    cpu, cuda = (doc["steps"][0]["attributions"][0]["scores"] for doc in docs)
+    assert np.allclose(cuda, cpu, rtol=0, atol=1e-3)
