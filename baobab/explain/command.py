@@ -85,7 +85,7 @@ def explain_command(
     top_k: int = 5,
     attention: bool = True,
     progress: bool = True,
-    explain: ExplainConfig = ExplainConfig(),  # noqa: B008 (a frozen default, never mutated)
+    explain: ExplainConfig = ExplainConfig(),  # noqa: B008 (never mutated: replaced below)
 ) -> Path:
     """Explain why a model said what it said: figures, an HTML report and JSON in --out.
 
@@ -197,7 +197,7 @@ def explain_command(
         "model": opened.described.get("name"),
         "family": family,
         "source": opened.source,
-        "labels": names,
+        "label_names": names,
         "command": command_line(model_dir, args),
         "args": {k: v for k, v in args.items() if v is not None},
     }

@@ -164,7 +164,7 @@ def test_resnet_from_an_npy_array_and_a_png(models, tmp_path, capsys) -> None:
     assert len(doc["items"]) == 3 and np.asarray(doc["images"]).shape == (3, 1, 8, 8)
     assert np.allclose(doc["images"][2][0], pixels / 255, rtol=0, atol=1e-6)  # decoded as served
     assert np.allclose(doc["images"][:2], images[:, None], rtol=0, atol=0)
-    assert all(item["label_name"] in doc["meta"]["labels"] for item in doc["items"])
+    assert all(item["label_name"] in doc["meta"]["label_names"] for item in doc["items"])
     panels = 2 + (doc["gradcam"] is not None)  # input, [Grad-CAM], ig
     for i in range(3):
         assert png_size(out / f"image-{i}.png") == inches(image_inches(panels))
