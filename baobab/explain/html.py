@@ -40,6 +40,8 @@ code, .tok, .lens td { font-family: ui-monospace, monospace; }
 .tok { white-space: pre; padding: 0.15em 0.05em; border: 1px solid #ccc; border-radius: 3px;
        margin-right: 1px; }
 .tok.target { border: 2px solid #222; }
+.nl::before { content: "\\21B5"; color: #888; } .nl-char { display: none; }
+code { white-space: pre-wrap; }
 .method { display: inline-block; min-width: 8em; color: #555; font-size: 0.85em; }
 figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #555; font-size: 0.85em; }
@@ -75,9 +77,17 @@ def token_spans(tokens: Sequence[str], scores: Sequence[float], mark: int | None
         spans.append(
             f'<span class="{cls}" data-i="{i}" data-score="{score:.6g}" '
             f'title="#{i} {_e(repr(token))}: {score:.4g}" '
-            f'style="background:{_colour(score, peak)}">{_e(token)}</span>'
+            f'style="background:{_colour(score, peak)}">{_token_text(token)}</span>'
         )
     return "".join(spans)
+
+
+def _token_text(token: str) -> str:
+    """A token's exact text, escaped; each newline sits in a hidden span after a visible
+    mark (drawn by CSS, so not text), keeping the line of tokens on one line while the
+    span's text (``textContent``) stays the token's own."""
+    parts = [_e(part) for part in token.split("\n")]
+    return '<span class="nl"></span><span class="nl-char">\n</span>'.join(parts)
 
 
 def _scores(attribution: Attribution) -> list[float]:

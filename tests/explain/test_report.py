@@ -175,7 +175,7 @@ class _Spans(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.lines: list[list[str]] = []
-        self.depth = 0  # > 0 inside a token span
+        self.depth = 0  # spans open inside a token span, itself included
 
     def handle_starttag(self, tag, attrs) -> None:
         classes = (dict(attrs).get("class") or "").split()
@@ -184,10 +184,12 @@ class _Spans(HTMLParser):
         elif tag == "span" and "tok" in classes:
             self.lines[-1].append("")
             self.depth = 1
+        elif tag == "span" and self.depth:
+            self.depth += 1
 
     def handle_endtag(self, tag) -> None:
-        if tag == "span":
-            self.depth = 0
+        if tag == "span" and self.depth:
+            self.depth -= 1
 
     def handle_data(self, data) -> None:
         if self.depth:
