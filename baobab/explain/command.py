@@ -80,7 +80,7 @@ def explain_command(
     inputs: list[str] | None = None,
     labels: list[int] | None = None,
     methods: str = "ig",
-    ig_steps: int = 64,
+    ig_steps: int = 512,
     max_delta: float = 0.05,
     top_k: int = 5,
     attention: bool = True,

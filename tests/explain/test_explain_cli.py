@@ -105,16 +105,21 @@ def test_gpt_tokens_in_turn_equal_the_python_api(models, tmp_path, capsys) -> No
 
 
 def test_the_progress_total_is_the_work_the_explanation_reports(models) -> None:
+    """Exact for gradient x input and occlusion; an upper bound for integrated gradients,
+    whose piecewise path may stop early where it is smooth (the bar then ends full)."""
     opened = open_model(models["gpt"])
     tokenizer = Tokenizer.load(opened.tokenizer_file)
-    methods = ["ig", "grad_x_input", "occlusion"]
-    for kwargs in ({"max_tokens": 3}, {"target": " yes"}, {"completion": "ab"}):
-        done = []
-        explain(opened.model, tokenizer, prompt="def f", methods=methods, ig_steps=8,
-                max_delta=10.0, progress=done.append, **kwargs)  # fmt: skip
-        total = text_work(tokenizer, "gpt", "def f", kwargs.get("target"),
-                          kwargs.get("completion"), kwargs.get("max_tokens", 0), methods, 8)  # fmt: skip
-        assert sum(done) == total, kwargs
+    for methods in (["grad_x_input", "occlusion"], ["ig"]):
+        for kwargs in ({"max_tokens": 3}, {"target": " yes"}, {"completion": "ab"}):
+            done = []
+            explain(opened.model, tokenizer, prompt="def f", methods=methods, ig_steps=8,
+                    max_delta=10.0, progress=done.append, **kwargs)  # fmt: skip
+            total = text_work(tokenizer, "gpt", "def f", kwargs.get("target"),
+                              kwargs.get("completion"), kwargs.get("max_tokens", 0), methods, 8)  # fmt: skip
+            if methods == ["ig"]:
+                assert 0 < sum(done) <= total, kwargs
+            else:
+                assert sum(done) == total, kwargs
 
 
 def test_progress_bar_ends_full(models, tmp_path, capsys) -> None:
