@@ -63,18 +63,19 @@ def write_report(result: Explanation, out_dir: str | Path, meta: dict[str, Any])
     out = check_out_dir(out_dir, sources)
     figures = figures_for(result)
     page = render_html(result, meta, figures)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    place = out.resolve()  # "." and "dir/.." have no name to put a temporary beside
+    place.parent.mkdir(parents=True, exist_ok=True)
+    tmp = place.with_name(f".tmp-{place.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with writing(f"explanation '{out}'", out.parent):
+        with writing(f"explanation '{out}'", place.parent):
             tmp.mkdir()
             text = json.dumps(document(result, meta), indent=1, allow_nan=False)
             (tmp / JSON_FILE).write_text(text + "\n")
             for figure in figures:
                 (tmp / figure.name).write_bytes(figure.png)
             (tmp / HTML_FILE).write_text(page, encoding="utf-8")
-            _replace(tmp, out)
+            _replace(tmp, place)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
