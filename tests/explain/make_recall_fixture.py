@@ -1,10 +1,15 @@
 """Train the "recall" fixture: a tiny GPT that has learnt one task, for the faithfulness test.
 
 The task: a prompt is a run of random filler words (``a`` .. ``p``, repeats allowed) in
-which the marker ``X`` stands once, at any position but the first, followed by the query
-``Q``. The answer, the next token after ``Q``, is the filler that stood just before ``X``::
+which the marker ``X`` stands once, at any position but the first. The answer, the next
+token after the prompt, is the filler that stood just before ``X``::
 
-    "k c X f a a n Q"  ->  "c"
+    "k c X f a a n"  ->  "c"
+
+There is no query token at the end: a final token every answer depended on would make
+"always the last token" a faithful-looking attribution. Here the answer depends on two
+positions that move from prompt to prompt (``X`` and the word before it), and deleting
+any other word leaves a prompt of the same task with the same answer.
 
 Solving it takes two steps the model must learn (a previous-token head writes each
 word into the next position, and the query then reads what sits at ``X``), so the answer
@@ -26,7 +31,7 @@ its default ``max_delta``:
   the first thousandth of the path (deltas of up to 3 nats at 256 steps);
 - label smoothing and a strong weight decay: a model trained to near-zero loss snaps from
   one answer to another at some point on the path (a step of 2.6 nats within 2% of it),
-  which needed 1024 steps; these soften it (64 steps give deltas below 0.005).
+  which needed 1024 steps; these soften it (at 128 steps the deltas stay below 0.02).
 
 The result is written as a standard export (``save_exported``, as ``baobab export``
 writes it: model.safetensors, config.json, tokenizer.json) into ``fixtures/recall/``
@@ -56,8 +61,8 @@ from baobab.models.gpt import GPTConfig
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "recall"
 FILLERS = tuple("abcdefghijklmnop")
-MARKER, QUERY, UNKNOWN = "X", "Q", "<unk>"
-MIN_FILLERS, MAX_FILLERS = 6, 14  # a prompt holds this many fillers, plus X and Q
+MARKER, UNKNOWN = "X", "<unk>"
+MIN_FILLERS, MAX_FILLERS = 6, 14  # a prompt holds this many fillers, plus X
 TRAIN_SEED = 0  # the model's init and the training data; the held-out check uses EVAL_SEED
 EVAL_SEED = 1
 STEPS, BATCH, LR = 1500, 128, 3e-3
@@ -65,8 +70,8 @@ SMOOTHING, WEIGHT_DECAY = 0.1, 1.0  # see the module docstring
 
 
 def make_tokenizer() -> Tokenizer:
-    """The word-level tokenizer: special tokens 0-2, then <unk>, the fillers, X and Q."""
-    words = [*SPECIAL_TOKENS, UNKNOWN, *FILLERS, MARKER, QUERY]
+    """The word-level tokenizer: special tokens 0-2, then <unk>, the fillers and X."""
+    words = [*SPECIAL_TOKENS, UNKNOWN, *FILLERS, MARKER]
     tok = tokenizers.Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, UNKNOWN))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
@@ -74,12 +79,12 @@ def make_tokenizer() -> Tokenizer:
 
 
 def recall_example(rng: random.Random, n_fillers: int | None = None) -> tuple[list[str], str]:
-    """One prompt as its words (ending in Q) and its answer (the word before X)."""
+    """One prompt as its words and its answer (the word before X)."""
     n = n_fillers if n_fillers is not None else rng.randint(MIN_FILLERS, MAX_FILLERS)
     words = [rng.choice(FILLERS) for _ in range(n)]
     at = rng.randint(1, n)  # X's index: never first, so some word stands before it
     words.insert(at, MARKER)
-    return [*words, QUERY], words[at - 1]
+    return words, words[at - 1]
 
 
 def make_config(vocab_size: int) -> GPTConfig:
@@ -99,7 +104,7 @@ def make_config(vocab_size: int) -> GPTConfig:
 def _batch(
     rng: random.Random, tok: Tokenizer, size: int, n_fillers: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts (size, n_fillers + 2) and answers (size,) as ids; one length per batch, so
+    """Prompts (size, n_fillers + 1) and answers (size,) as ids; one length per batch, so
     no padding is needed (the model has no padding mask)."""
     examples = [recall_example(rng, n_fillers) for _ in range(size)]
     ids = tok.encode_batch([" ".join(words) for words, _ in examples])
@@ -142,7 +147,7 @@ def train(tok: Tokenizer) -> torch.nn.Module:
 
 def main() -> None:
     tok = make_tokenizer()
-    for word in (*FILLERS, MARKER, QUERY):  # every symbol is exactly one token
+    for word in (*FILLERS, MARKER):  # every symbol is exactly one token
         assert len(tok.encode(word)) == 1, word
     model = train(tok)
     acc = accuracy(model, tok, EVAL_SEED)
