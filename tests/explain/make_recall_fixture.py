@@ -11,9 +11,9 @@ There is no query token at the end: a final token every answer depended on would
 positions that move from prompt to prompt (``X`` and the word before it), and deleting
 any other word leaves a prompt of the same task with the same answer.
 
-Solving it takes two steps the model must learn (a previous-token head writes each
-word into the next position, and the query then reads what sits at ``X``), so the answer
-depends on a few known prompt positions and not on the rest: the ground on which
+Solving it takes two steps the model must learn (a previous-token head writes each word
+into the next position, and the last position then reads what sits at ``X``), so the
+answer depends on a few known prompt positions and not on the rest: the ground on which
 ``tests/explain/test_faithfulness.py`` checks that attributions point at the tokens the
 prediction depends on (by deleting them, not by asking whether they look right).
 
@@ -22,9 +22,9 @@ token, and baobab's special tokens (``<|endoftext|>``, ``<|pad|>``, ``<|mask|>``
 0-2. The model is ``build_model(GPTConfig(...), seed=0)``, trained with plain torch
 (AdamW, loss on the answer only), seeded; training takes about a minute on one CPU core.
 
-Two choices keep integrated gradients (from baobab's zero-embedding baseline) converging
-in a few dozen steps, so the test explains the model as ``baobab explain`` would, within
-its default ``max_delta``:
+Two choices keep the model smooth along integrated gradients' path from baobab's zero-
+embedding baseline, so that IG converges within its default ``max_delta`` with few
+integration points (measured with one Gauss-Legendre rule over the whole path):
 
 - learned absolute positions, not RoPE: with RoPE the baseline's residual stream is
   exactly zero, and RMSNorm's scale invariance then puts the whole change of log p within
