@@ -128,9 +128,30 @@ def explain(
     return explain_inputs(model, family, inputs, labels, **options)
 
 
+def planned_units(methods: Sequence[str], ig_steps: int, context_lengths: Sequence[int]) -> int:
+    """The units ``progress`` will report for explaining one prediction per context length
+    (a progress bar's total): integrated gradients take ig_steps rows plus the two their
+    delta evaluates, gradient × input one, occlusion one per token plus the unperturbed one.
+    A contrast doubles nothing (its sequence shares each forward's rows)."""
+    per_row = {
+        "ig": lambda p: ig_steps + 2,
+        "grad_x_input": lambda p: 1,
+        "occlusion": lambda p: p + 1,
+    }
+    return sum(per_row[m](p) for m in check_methods(list(methods)) for p in context_lengths)
+
+
 def text_work(prompt_tokens: int, target_tokens: int, ig_steps: int) -> int:
     """The bound ``/v1/explain`` checks: tokens × integration steps."""
     return (prompt_tokens + target_tokens) * ig_steps
 
 
-__all__ = ["Progress", "TextExplanation", "check_methods", "explain", "family_name", "text_work"]
+__all__ = [
+    "Progress",
+    "TextExplanation",
+    "check_methods",
+    "explain",
+    "family_name",
+    "planned_units",
+    "text_work",
+]
