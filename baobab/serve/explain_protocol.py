@@ -66,6 +66,10 @@ class ExplainRequest(_Request):
             raise _refused(
                 "completion", "send 'target' or 'completion', not both (neither: the next token)"
             )
+        if self.contrast is not None and self.completion is not None:
+            raise _refused(
+                "contrast", "a 'contrast' explains one target; it cannot go with a 'completion'"
+            )
         return self
 
 

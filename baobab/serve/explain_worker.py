@@ -135,7 +135,7 @@ class Explanations:
         idle_slice: float = IDLE_SLICE_S,
         clock: Clock = time.perf_counter,
     ) -> None:
-        self._run, self.share, self.idle_slice, self._clock = run, share, idle_slice, clock
+        self.runner, self.share, self.idle_slice, self._clock = run, share, idle_slice, clock
         self._queue: deque[tuple[str, ExplainSpec]] = deque()
         self._current: tuple[str, SlicedWorker] | None = None
         self.credit = 0.0  # seconds the worker may still run; negative: debt
@@ -164,7 +164,7 @@ class Explanations:
         while self.credit > 0 and self.pending:
             if self._current is None:
                 request_id, spec = self._queue.popleft()
-                self._current = (request_id, SlicedWorker(_bind(self._run, spec), self._clock))
+                self._current = (request_id, SlicedWorker(_bind(self.runner, spec), self._clock))
             request_id, worker = self._current
             self.credit -= worker.run_for(self.credit)
             if worker.done:
