@@ -49,7 +49,8 @@ def make_export(work: Path, seed: int) -> Path:
     from baobab.data.tokenizer import byte_tokenizer
     from baobab.export.artifact import save_exported
 
-    tokenizer = byte_tokenizer().save(work / "tokenizer.json")
+    tokenizer = byte_tokenizer()
+    tokenizer.save(work / "tokenizer.json")
     torch.manual_seed(seed)
     cfg = models.get_config("gpt-mini", vocab_size=tokenizer.vocab_size)
     model = models.build_model(cfg)
@@ -96,7 +97,8 @@ def streams(url: str, concurrency: int, output_len: int) -> dict:
     wall = time.perf_counter() - start
     itl = [(a[-1] - a[0]) / (len(a) - 1) for a in arrivals]
     assert all(len(a) == output_len for a in arrivals), [len(a) for a in arrivals]
-    return {"itl_s": statistics.mean(itl), "wall_s": wall}
+    ttft = statistics.mean(a[0] - start for a in arrivals)
+    return {"itl_s": statistics.mean(itl), "ttft_s": ttft, "wall_s": wall}
 
 
 def explanation_body(prompt_len: int, ig_steps: int) -> dict:
@@ -157,7 +159,9 @@ def main() -> None:
                 busy = explaining_round(url, args, body)
                 rounds.append({"alone": alone, "explaining": busy})
                 print(f"round {i + 1}: itl {busy['itl_s'] / alone['itl_s']:.3f}x, "
-                      f"wall {busy['wall_s'] / alone['wall_s']:.3f}x", flush=True)  # fmt: skip
+                      f"wall {busy['wall_s'] / alone['wall_s']:.3f}x, ttft "
+                      f"{alone['ttft_s'] * 1e3:.0f} / {busy['ttft_s'] * 1e3:.0f} ms",
+                      flush=True)  # fmt: skip
         finally:
             server.terminate()
             server.wait(timeout=60)

@@ -56,7 +56,9 @@ class EngineCore:
         if explanations is None:
             config = engine.config
             run = ExplainModel(export_dir, engine.tokenizer, config.device)
-            explanations = Explanations(run, config.explain_share)
+            cuda = torch.device(config.device).type == "cuda"
+            sync = torch.cuda.synchronize if cuda else (lambda: None)
+            explanations = Explanations(run, config.explain_share, sync=sync)
         self.explanations = explanations
 
     def ready(self) -> Ready:

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from baobab.serve.protocol import Text, _int, _refused, _Request
 
-MAX_IG_STEPS = 1024  # integration steps per explanation
+# Integration steps per explanation; Captum's Gauss-Legendre nodes for a new step count
+# cost O(steps³) in one piece (see explain_worker.cache_gauss_legendre).
+MAX_IG_STEPS = 512
 MAX_TOP_K = 20  # logit-lens tokens per layer and position
 
 Method = Literal["ig", "grad_x_input", "occlusion"]  # baobab.explain.types.METHODS

@@ -134,8 +134,12 @@ class Explanations:
         share: float,
         idle_slice: float = IDLE_SLICE_S,
         clock: Clock = time.perf_counter,
+        sync: Callable[[], None] = lambda: None,
     ) -> None:
+        """``sync``: waits for the device's queued work (CUDA: the explanation's kernels
+        run within its slice, not beside the next step)."""
         self.runner, self.share, self.idle_slice, self._clock = run, share, idle_slice, clock
+        self._sync = sync
         self._queue: deque[tuple[str, ExplainSpec]] = deque()
         self._current: tuple[str, SlicedWorker] | None = None
         self.credit = 0.0  # seconds the worker may still run; negative: debt
@@ -166,7 +170,10 @@ class Explanations:
                 request_id, spec = self._queue.popleft()
                 self._current = (request_id, SlicedWorker(_bind(self.runner, spec), self._clock))
             request_id, worker = self._current
-            self.credit -= worker.run_for(self.credit)
+            start = self._clock()
+            worker.run_for(self.credit)
+            self._sync()
+            self.credit -= self._clock() - start
             if worker.done:
                 self._current = None
                 ended.append(_outcome(request_id, worker))
@@ -210,11 +217,18 @@ def _outcome(request_id: str, worker: SlicedWorker) -> ExplainDone:
 
 class ExplainModel:
     """Runs an :class:`ExplainSpec` on the export's own float32 model, opened on first use
-    (in the worker thread: its tensors must not be inference tensors) and kept."""
+    (in the worker thread: its tensors must not be inference tensors) and kept.
+
+    Captum's progress calls come once per forward pass over a batch of integration steps,
+    which on a CPU can take longer than many decode steps; so the model also pauses before
+    each block's forward and before each block's backward (a hook on the model's blocks and
+    a tensor hook on their outputs): a slice ends within one block of its budget.
+    """
 
     def __init__(self, export_dir: Path | None, tokenizer: Tokenizer, device: str) -> None:
         self.export_dir, self.tokenizer, self.device = export_dir, tokenizer, device
         self._model: torch.nn.Module | None = None
+        self._pause: Progress = _no_pause  # the running explanation's pause
 
     def model(self) -> torch.nn.Module:
         if self._model is None:
@@ -231,25 +245,104 @@ class ExplainModel:
                     "explanations need the unquantized export; this server serves a quantized "
                     "one (serve the export it was quantized from to explain)"
                 )
-            opened = open_model(self.export_dir)
-            self._model = opened.model.to(self.device, torch.float32).eval()
+            model = open_model(self.export_dir).model.to(self.device, torch.float32).eval()
+            cache_gauss_legendre()
+            for block in _blocks(model):
+                block.register_forward_pre_hook(self._before_forward)
+                block.register_forward_hook(self._after_forward)
+            self._model = model
         return self._model
+
+    def _before_forward(self, module: torch.nn.Module, args: tuple) -> None:
+        self._pause(0)
+
+    def _after_forward(self, module: torch.nn.Module, args: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            pause = self._pause
+            out.register_hook(lambda grad: pause(0))  # before this block's backward
 
     def __call__(self, spec: ExplainSpec, progress: Progress) -> dict[str, Any]:
         from baobab.explain import explain
 
-        with torch.enable_grad():  # whatever this thread inherited: gradients are the point
-            result = explain(
-                self.model(),
-                self.tokenizer,
-                prompt=spec.prompt,
-                target=spec.target,
-                completion=spec.completion,
-                contrast=spec.contrast,
-                methods=list(spec.methods),
-                ig_steps=spec.ig_steps,
-                max_delta=spec.max_delta,
-                top_k=spec.top_k,
-                progress=progress,
-            )
-            return result.to_json()
+        self._pause = progress
+        try:
+            with torch.enable_grad():  # whatever this thread inherited: gradients are the point
+                result = explain(
+                    self.model(),
+                    self.tokenizer,
+                    prompt=spec.prompt,
+                    target=spec.target,
+                    completion=spec.completion,
+                    contrast=spec.contrast,
+                    methods=list(spec.methods),
+                    ig_steps=spec.ig_steps,
+                    max_delta=spec.max_delta,
+                    top_k=spec.top_k,
+                    progress=progress,
+                )
+            return sliced_json(result, progress)
+        finally:
+            self._pause = _no_pause
+
+
+def sliced_json(value: Any, pause: Progress) -> Any:
+    """``to_json(value)`` (``baobab.explain.types``) with a pause before each dataclass and
+    each row of a tensor: an explanation's attention maps are (L, H, T, T) floats, whose
+    conversion would otherwise hold the engine for a while in one piece."""
+    import dataclasses
+
+    from baobab.explain.types import to_json
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        pause(0)
+        return {
+            f.name: sliced_json(getattr(value, f.name), pause) for f in dataclasses.fields(value)
+        }
+    if isinstance(value, torch.Tensor) and value.dim() > 2:  # (L, H, T, T): a (T, T) at a time
+        pause(0)
+        return [sliced_json(row, pause) for row in value.detach().cpu()]
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        return [sliced_json(item, pause) for item in value]
+    return to_json(value)
+
+
+def cache_gauss_legendre() -> None:
+    """Keep numpy's Gauss-Legendre nodes per step count, in this (engine) process.
+
+    Captum's integrated gradients (method "gausslegendre") call ``leggauss(ig_steps)`` twice
+    per attribution, an eigenvalue problem of O(ig_steps³): 0.15 s at 256 steps, over a
+    second at 1024 on a busy 2-core machine, in one piece that no pause can split, so it
+    would stall every running stream by that much. The values are the same each time: the
+    engine computes them once per step count (read-only arrays; Captum scales copies).
+    """
+    import functools
+
+    import numpy as np
+
+    legendre = np.polynomial.legendre
+    if hasattr(legendre.leggauss, "cache_info"):
+        return
+    compute = legendre.leggauss
+
+    @functools.lru_cache(maxsize=16)
+    def leggauss(deg: int):
+        nodes, weights = compute(deg)
+        nodes.setflags(write=False)
+        weights.setflags(write=False)
+        return nodes, weights
+
+    legendre.leggauss = leggauss
+
+
+def _no_pause(units: int) -> None:
+    del units
+
+
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: the items of its ModuleDicts and ModuleLists."""
+    return [
+        block
+        for module in model.modules()
+        if isinstance(module, torch.nn.ModuleDict | torch.nn.ModuleList)
+        for block in (module.values() if isinstance(module, torch.nn.ModuleDict) else module)
+    ]

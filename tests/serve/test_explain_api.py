@@ -67,16 +67,17 @@ def test_an_explanation_is_the_json_of_the_cli(lm_server, lm_export):
 
 
 def test_work_over_the_limit_is_400_naming_both_numbers(lm_server):
-    prompt = TEXT * 4  # 4 * PERIOD byte tokens, + 2 of the target "ve"
+    prompt = TEXT * 8  # 8 * PERIOD byte tokens, + 2 of the target "ve"
     with lm_server.client() as client:
-        got = client.post("/v1/explain", json=explain_body(prompt=prompt, ig_steps=1024))
+        got = client.post("/v1/explain", json=explain_body(prompt=prompt, ig_steps=512))
         assert got.status_code == 400
         error = got.json()["error"]
-        assert f"{4 * PERIOD + 2} tokens x 1024 integration steps" in error["message"]
+        assert f"{8 * PERIOD + 2} tokens x 512 integration steps" in error["message"]
         assert "65536" in error["message"] and error["param"] == "ig_steps"
         # The bounds on one request's shape are in the schema: a 400 before any tokenizing.
         for bad, param in (
             ({"ig_steps": 0}, "ig_steps"),
+            ({"ig_steps": 513}, "ig_steps"),
             ({"methods": ["saliency"]}, "methods.0"),
             ({"completion": "x"}, "completion"),  # beside a target
             ({"prompt": ""}, "prompt"),
