@@ -95,14 +95,19 @@ async def _check_size(ctx: Context, spec: ExplainSpec) -> None:
             param="prompt",
             code="context_length_exceeded",
         )
-    work, limit = text_work(prompt, target, spec.ig_steps), engine.config.explain_max_work
+    # A completion's tokens are explained in turn, each after the prompt and those before it.
+    in_turn = spec.completion is not None
+    explained = [(prompt + i, 1) for i in range(target)] if in_turn else [(prompt, target)]
+    work = sum(text_work(p, t, spec.ig_steps) for p, t in explained)
+    tokens, limit = work // spec.ig_steps, engine.config.explain_max_work
     if work > limit:
         ctx.metrics.rejected("explain_too_large")
+        each = f" (over the {target} completion tokens, each explained in turn)"
         raise APIError(
             400,
-            f"the explanation asks for {prompt + target} tokens x {spec.ig_steps} integration "
-            f"steps = {work} units of work, over this server's limit of {limit} "
-            "(--engine.explain_max_work); shorten the text or lower ig_steps",
+            f"the explanation asks for {tokens} tokens{each if in_turn else ''} x "
+            f"{spec.ig_steps} integration steps = {work} units of work, over this server's "
+            f"limit of {limit} (--engine.explain_max_work); shorten the text or lower ig_steps",
             param="ig_steps",
             code="explanation_too_large",
         )

@@ -74,6 +74,14 @@ def test_work_over_the_limit_is_400_naming_both_numbers(lm_server):
         error = got.json()["error"]
         assert f"{8 * PERIOD + 2} tokens x 512 integration steps" in error["message"]
         assert "65536" in error["message"] and error["param"] == "ig_steps"
+        # A completion's tokens are explained in turn: 40 contexts of 100 to 139 tokens.
+        body = {"prompt": "a" * 100, "completion": "b" * 40, "ig_steps": 16}
+        got = client.post("/v1/explain", json=body)
+        assert got.status_code == 400
+        assert (
+            f"{40 * 100 + 40 * 41 // 2} tokens (over the 40 completion tokens, each explained"
+            in got.json()["error"]["message"]
+        )
         # The bounds on one request's shape are in the schema: a 400 before any tokenizing.
         for bad, param in (
             ({"ig_steps": 0}, "ig_steps"),
