@@ -6,7 +6,8 @@ masked LM, log p(target) at the masked position. Captum's methods see it as a fu
 the context's token embeddings (1, P, C): a forward hook on the model's embedding module
 puts the interpolated (or perturbed) embeddings in place of the context's, and the target
 positions keep their own. So integrated gradients run from a zero-embedding baseline (the
-positions still get their position embeddings), and a token's score is its attribution
+positions still get their position embeddings; ``paths.py`` integrates the path piece by
+piece where a normalised model makes it rough), and a token's score is its attribution
 summed over the embedding width.
 
 Shapes: P attributed context tokens, T tokens the model sees, C embedding width, V vocab,
@@ -20,10 +21,11 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from captum.attr import InputXGradient, IntegratedGradients, Occlusion
+from captum.attr import InputXGradient, Occlusion
 from torch import nn
 
 from baobab.data.tokenizer import Tokenizer
+from baobab.explain.paths import integrated_gradients
 from baobab.explain.types import Attribution, ExplainError, TextExplanation, TokenStep
 
 EMBEDDINGS = {"gpt": "tok_embeddings", "lstm": "embedding", "bert": "word_embeddings"}
@@ -95,15 +97,14 @@ def attribute(
     for method in methods:
         delta = None
         if method == "ig":
-            attr, delta_t = IntegratedGradients(objective).attribute(
+            attr, delta = integrated_gradients(
+                objective,
                 embeds,
-                baselines=torch.zeros_like(embeds),
-                n_steps=ig_steps,
-                method="gausslegendre",
-                internal_batch_size=internal_batch_size,
-                return_convergence_delta=True,
+                torch.zeros_like(embeds),
+                ig_steps,
+                max_delta,
+                internal_batch_size,
             )
-            delta = float(delta_t.reshape(-1)[0])
             if not abs(delta) <= max_delta:
                 raise ExplainError(
                     f"integrated gradients did not converge: their delta {delta:.3g} exceeds "
@@ -168,7 +169,8 @@ def explain_text(
                 seq[2] * float(Objective(model, embedding, [seq], _silent)(embeds))
                 for seq in sequences
             ]
-        with torch.enable_grad():
+        # cuDNN's LSTM backward runs only in training mode: explain an LSTM without cuDNN.
+        with torch.enable_grad(), torch.backends.cudnn.flags(enabled=family != "lstm"):
             attributions = attribute(
                 objective, embeds, methods, ig_steps, max_delta, internal_batch_size
             )

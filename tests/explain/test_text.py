@@ -42,7 +42,7 @@ def _value_at(model, family: str, ids: list[int], scored, embeds: torch.Tensor) 
 def test_integrated_gradients_are_complete(tokenizer, name: str, prompt: str) -> None:
     model = _model(name)
     family = "gpt" if name.startswith("gpt") else "bert"
-    result = explain(model, tokenizer, prompt=prompt, methods="ig", ig_steps=128, max_delta=1e-3)
+    result = explain(model, tokenizer, prompt=prompt, methods="ig", ig_steps=512, max_delta=1e-5)
     step = result.steps[0]
     (ig,) = step.attributions
     assert ig.method == "ig" and len(ig.scores) == len(step.context_ids)
@@ -80,7 +80,7 @@ def test_a_token_after_the_target_gets_exactly_zero(tokenizer) -> None:
 def test_contrast_explains_the_difference_of_log_probabilities(tokenizer) -> None:
     model = _model("gpt-nano")
     result = explain(model, tokenizer, prompt="to be or", target=" not", contrast=" to",
-                     ig_steps=128, max_delta=1e-3)  # fmt: skip
+                     ig_steps=512, max_delta=1e-5)  # fmt: skip
     step = result.steps[0]
     assert step.contrast == " to" and step.contrast_logprob is not None
     assert step.value == pytest.approx(step.logprob - step.contrast_logprob)
@@ -165,5 +165,6 @@ def test_progress_counts_integration_steps_of_every_token(tokenizer) -> None:
     explain(model, tokenizer, prompt="abcd", completion="ef", methods="ig,grad_x_input,occlusion",
             ig_steps=10, internal_batch_size=4, max_delta=1.0, progress=done.append)  # fmt: skip
     methods = ["ig", "grad_x_input", "occlusion"]
-    assert sum(done) == planned_units(methods, 10, [4, 5])  # contexts "abcd", "abcde"
+    assert sum(done) <= planned_units(methods, 10, [4, 5])  # contexts "abcd", "abcde"
+    assert sum(done) >= 2 * (1 + 5 + 1)  # each token: grad x input, occlusion, some of IG
     assert max(done) <= 4  # Captum's internal batches: a pause point at least every 4 rows
