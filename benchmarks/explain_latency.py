@@ -8,10 +8,11 @@ hit both arms alike:
 
 - ``alone``: ``--concurrency`` (4) greedy streaming completions of ``--output-len`` (128)
   tokens each, started together;
-- ``explaining``: the same, started once an explanation (integrated gradients,
-  ``--ig-steps`` over a ``--prompt-len`` prompt, sized to outlast the streams at the
-  engine's ``explain_share``) is running in the engine; the round then waits for the
-  explanation to end, and records whether it was still running when the streams ended.
+- ``explaining``: the same, started once an explanation (integrated gradients with up to
+  ``--ig-steps`` points for each of a ``--completion-len`` completion's tokens in turn,
+  after a ``--prompt-len`` prompt; sized to outlast the streams at the engine's
+  ``explain_share``) is running in the engine; the round then waits for the explanation
+  to end, and records whether it was still running when the streams ended.
 
 Per arm: the mean inter-token latency (each stream's span between its first and last
 token over its tokens - 1, averaged) and the wall time of all streams; the table shows both
@@ -101,10 +102,10 @@ def streams(url: str, concurrency: int, output_len: int) -> dict:
     return {"itl_s": statistics.mean(itl), "ttft_s": ttft, "wall_s": wall}
 
 
-def explanation_body(prompt_len: int, ig_steps: int) -> dict:
-    prompt = ("the quick brown fox jumps over the lazy dog " * 50)[:prompt_len]
-    return {"prompt": prompt, "target": "!", "methods": ["ig"], "ig_steps": ig_steps,
-            "max_delta": 1e6}  # fmt: skip
+def explanation_body(prompt_len: int, completion_len: int, ig_steps: int) -> dict:
+    text = "the quick brown fox jumps over the lazy dog " * 50
+    return {"prompt": text[:prompt_len], "completion": text[:completion_len], "methods": ["ig"],
+            "ig_steps": ig_steps, "max_delta": 1e6}  # fmt: skip
 
 
 def pending(url: str) -> float:
@@ -140,13 +141,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--completion-len", type=int, default=8)
     parser.add_argument("--ig-steps", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    body = explanation_body(args.prompt_len, args.ig_steps)
+    body = explanation_body(args.prompt_len, args.completion_len, args.ig_steps)
     with tempfile.TemporaryDirectory() as tmp:
         export = make_export(Path(tmp), args.seed)
-        work = (args.prompt_len + 1) * args.ig_steps
+        work = sum(args.prompt_len + i + 1 for i in range(args.completion_len)) * args.ig_steps
         server, url = start_baobab(export, {"explain_max_work": max(work, 65536)})
         try:
             streams(url, args.concurrency, 16)  # warm-up: engine and the explanation model
@@ -169,9 +171,9 @@ def main() -> None:
 
 
 def report(args, rounds: list[dict], alone_explain: float) -> None:
-    print(f"\n{args.concurrency} streams x {args.output_len} tokens; explanation: IG "
-          f"{args.ig_steps} steps over {args.prompt_len + 1} tokens ({alone_explain:.2f} s "
-          "on an idle engine)")  # fmt: skip
+    print(f"\n{args.concurrency} streams x {args.output_len} tokens; explanation: IG with up "
+          f"to {args.ig_steps} points for each of {args.completion_len} tokens after "
+          f"{args.prompt_len} ({alone_explain:.2f} s on an idle engine)")  # fmt: skip
     print(f"{'round':>5} {'itl alone ms':>13} {'itl expl. ms':>13} {'ratio':>6} "
           f"{'wall alone s':>13} {'wall expl. s':>13} {'ratio':>6} {'overlap':>8}")  # fmt: skip
     itl_ratios, wall_ratios = [], []

@@ -76,7 +76,9 @@ class EngineConfig:
         explain_max_queue: most explanations queued or running at once; one more is
             refused (HTTP 429).
         explain_max_work: most work one explanation may ask for, in tokens (prompt and
-            target) × integration steps; more is refused (HTTP 400).
+            target; a completion's tokens each with their own context) × integration
+            steps; more is refused (HTTP 400). The default takes 256 tokens at
+            ``baobab explain``'s 512 steps.
     """
 
     kv_cache_memory_gib: float = 1.0
@@ -98,7 +100,7 @@ class EngineConfig:
     separate_process: bool = True
     explain_share: float = 0.1
     explain_max_queue: int = 4
-    explain_max_work: int = 65536
+    explain_max_work: int = 131072
 
     def __post_init__(self) -> None:
         check_positive(

@@ -15,9 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from baobab.serve.protocol import Text, _int, _refused, _Request
 
-# Integration steps per explanation; Captum's Gauss-Legendre nodes for a new step count
-# cost O(steps³) in one piece (see explain_worker.cache_gauss_legendre).
-MAX_IG_STEPS = 512
+MAX_IG_STEPS = 2048  # integration points per explanation (baobab explain's default: 512)
 MAX_TOP_K = 20  # logit-lens tokens per layer and position
 
 Method = Literal["ig", "grad_x_input", "occlusion"]  # baobab.explain.types.METHODS
@@ -51,7 +49,9 @@ class ExplainRequest(_Request):
         description="Attribution methods: integrated gradients, gradient x input, occlusion.",
     )
     ig_steps: _int(ge=1, le=MAX_IG_STEPS) = Field(
-        32, description="Integration steps of integrated gradients."
+        512,
+        description="Integration points integrated gradients may spend (piece by piece "
+        "where the path is rough; they stop once the delta is within max_delta).",
     )
     max_delta: float = Field(
         0.05,

@@ -246,7 +246,6 @@ class ExplainModel:
                     "one (serve the export it was quantized from to explain)"
                 )
             model = open_model(self.export_dir).model.to(self.device, torch.float32).eval()
-            cache_gauss_legendre()
             for block in _blocks(model):
                 block.register_forward_pre_hook(self._before_forward)
                 block.register_forward_hook(self._after_forward)
@@ -304,34 +303,6 @@ def sliced_json(value: Any, pause: Progress) -> Any:
     if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
         return [sliced_json(item, pause) for item in value]
     return to_json(value)
-
-
-def cache_gauss_legendre() -> None:
-    """Keep numpy's Gauss-Legendre nodes per step count, in this (engine) process.
-
-    Captum's integrated gradients (method "gausslegendre") call ``leggauss(ig_steps)`` twice
-    per attribution, an eigenvalue problem of O(ig_steps³): 0.15 s at 256 steps, over a
-    second at 1024 on a busy 2-core machine, in one piece that no pause can split, so it
-    would stall every running stream by that much. The values are the same each time: the
-    engine computes them once per step count (read-only arrays; Captum scales copies).
-    """
-    import functools
-
-    import numpy as np
-
-    legendre = np.polynomial.legendre
-    if hasattr(legendre.leggauss, "cache_info"):
-        return
-    compute = legendre.leggauss
-
-    @functools.lru_cache(maxsize=16)
-    def leggauss(deg: int):
-        nodes, weights = compute(deg)
-        nodes.setflags(write=False)
-        weights.setflags(write=False)
-        return nodes, weights
-
-    legendre.leggauss = leggauss
 
 
 def _no_pause(units: int) -> None:

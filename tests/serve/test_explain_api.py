@@ -69,13 +69,13 @@ def test_an_explanation_is_the_json_of_the_cli(lm_server, lm_export):
 def test_work_over_the_limit_is_400_naming_both_numbers(lm_server):
     prompt = TEXT * 8  # 8 * PERIOD byte tokens, + 2 of the target "ve"
     with lm_server.client() as client:
-        got = client.post("/v1/explain", json=explain_body(prompt=prompt, ig_steps=512))
+        got = client.post("/v1/explain", json=explain_body(prompt=prompt, ig_steps=1024))
         assert got.status_code == 400
         error = got.json()["error"]
-        assert f"{8 * PERIOD + 2} tokens x 512 integration steps" in error["message"]
-        assert "65536" in error["message"] and error["param"] == "ig_steps"
+        assert f"{8 * PERIOD + 2} tokens x 1024 integration steps" in error["message"]
+        assert "131072" in error["message"] and error["param"] == "ig_steps"
         # A completion's tokens are explained in turn: 40 contexts of 100 to 139 tokens.
-        body = {"prompt": "a" * 100, "completion": "b" * 40, "ig_steps": 16}
+        body = {"prompt": "a" * 100, "completion": "b" * 40, "ig_steps": 32}
         got = client.post("/v1/explain", json=body)
         assert got.status_code == 400
         assert (
@@ -85,7 +85,7 @@ def test_work_over_the_limit_is_400_naming_both_numbers(lm_server):
         # The bounds on one request's shape are in the schema: a 400 before any tokenizing.
         for bad, param in (
             ({"ig_steps": 0}, "ig_steps"),
-            ({"ig_steps": 513}, "ig_steps"),
+            ({"ig_steps": 2049}, "ig_steps"),
             ({"methods": ["saliency"]}, "methods.0"),
             ({"completion": "x"}, "completion"),  # beside a target
             ({"prompt": ""}, "prompt"),
@@ -106,7 +106,8 @@ def test_completions_run_unchanged_beside_an_explanation(lm_server):
     steps, and the explanation still completes."""
     explained: dict = {}
     served = lm_server.state.served
-    long = explain_body(prompt=TEXT * 3, ig_steps=512, methods=["ig"])  # 64 tokens x 512
+    # Each of the completion's 20 tokens explained in turn after 40 to 59 tokens.
+    long = explain_body(prompt=TEXT * 2, target=None, completion=TEXT, ig_steps=128)
 
     def run() -> None:
         with lm_server.client() as client:
