@@ -41,7 +41,8 @@ from baobab.serve.messages import ExplainDone, ExplainSpec
 
 logger = logging.getLogger(__name__)
 
-IDLE_SLICE_S = 0.05  # seconds of explanation per round while no request runs
+IDLE_SLICE_S = 0.02  # seconds of explanation per round while no request runs: a new request
+# waits at most this (and one block of the explanation) for its first step
 Progress = Callable[[int], None]
 Clock = Callable[[], float]
 
