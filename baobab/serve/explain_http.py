@@ -97,8 +97,7 @@ async def _check_size(ctx: Context, spec: ExplainSpec) -> None:
         )
     # A completion's tokens are explained in turn, each after the prompt and those before it.
     in_turn = spec.completion is not None
-    explained = [(prompt + i, 1) for i in range(target)] if in_turn else [(prompt, target)]
-    work = sum(text_work(p, t, spec.ig_steps) for p, t in explained)
+    work = text_work(prompt, target, spec.ig_steps, in_turn)
     tokens, limit = work // spec.ig_steps, engine.config.explain_max_work
     if work > limit:
         ctx.metrics.rejected("explain_too_large")
