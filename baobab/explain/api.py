@@ -141,9 +141,15 @@ def planned_units(methods: Sequence[str], ig_steps: int, context_lengths: Sequen
     return sum(per_row[m](p) for m in check_methods(list(methods)) for p in context_lengths)
 
 
-def text_work(prompt_tokens: int, target_tokens: int, ig_steps: int) -> int:
-    """The bound ``/v1/explain`` checks: tokens × integration steps."""
-    return (prompt_tokens + target_tokens) * ig_steps
+def text_work(prompt_tokens: int, target_tokens: int, ig_steps: int, in_turn: bool = False) -> int:
+    """The bound ``/v1/explain`` checks: tokens × integration steps. ``in_turn``: the target
+    is a completion whose tokens are explained one after another, each over the prompt and
+    the tokens before it, so each counts its own context."""
+    if in_turn:
+        tokens = sum(prompt_tokens + i + 1 for i in range(target_tokens))
+    else:
+        tokens = prompt_tokens + target_tokens
+    return tokens * ig_steps
 
 
 __all__ = [

@@ -14,6 +14,7 @@ import atexit
 import logging
 import threading
 import weakref
+from pathlib import Path
 
 from baobab.serve.client import EngineClient, EngineDeadError, RequestStream
 from baobab.serve.engine import Engine
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 class AsyncEngine(EngineClient):
     """An :class:`Engine` driven by an :class:`EngineCore` on a background thread."""
 
-    def __init__(self, engine: Engine, model_name: str) -> None:
-        self.core = EngineCore(engine)
+    def __init__(self, engine: Engine, model_name: str, export_dir: Path | None = None) -> None:
+        """``export_dir``: the export ``engine`` was loaded from, whose unquantized model
+        answers ``/v1/explain`` (without it explanations are refused)."""
+        self.core = EngineCore(engine, export_dir)
         super().__init__(model_name, engine.tokenizer, engine.config, self.core.ready())
         self._inbox: list[ToCore] = []  # under _lock; the thread takes it whole each round
         self._wake = threading.Event()  # set after every post

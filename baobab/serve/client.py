@@ -29,6 +29,9 @@ from baobab.serve.messages import (
     Abort,
     AddRequest,
     AddRequests,
+    Explain,
+    ExplainDone,
+    ExplainSpec,
     Ready,
     RoundOutput,
     Shutdown,
@@ -45,6 +48,7 @@ from baobab.serve.types import (
 logger = logging.getLogger(__name__)
 
 Streams = dict[str, tuple["RequestStream", asyncio.AbstractEventLoop]]
+Waiters = dict[str, tuple[asyncio.Future, asyncio.AbstractEventLoop]]
 
 
 class EngineDeadError(RuntimeError):
@@ -98,7 +102,13 @@ class EngineClient:
         # the difference is in flight, in neither ``_stats.waiting`` nor ``_stats.running``.
         self._adds_sent = 0
         self._adds_seen = 0
-        self._busy = False  # the engine holds unfinished requests
+        self._busy = False  # the engine holds unfinished requests or explanations
+        # Explanations: their answers' futures, how many were handed over, and as of the
+        # engine's last round how many it had taken in and how many it holds.
+        self._explains: Waiters = {}
+        self._explains_sent = 0
+        self._explains_seen = 0
+        self._explaining = 0
         self._accepting = True
         self._stopping = False  # Shutdown was posted: the core's end is expected
         self._error: str | None = None
@@ -126,10 +136,7 @@ class EngineClient:
         hold), QueueFullError, or RuntimeError when the engine is shutting down or has died.
         """
         loop = asyncio.get_running_loop()
-        if self._error is not None:
-            raise RuntimeError(f"the engine stopped after an error: {self._error}")
-        if not self._accepting:
-            raise RuntimeError("the engine is shutting down")
+        self._check_accepting()
         if len(requests) > self.max_num_seqs + self.max_queue:
             raise TooManyChoicesError(len(requests), self.max_num_seqs, self.max_queue)
         batch = []
@@ -150,9 +157,36 @@ class EngineClient:
         self._post(AddRequests(batch))
         return streams
 
+    def explain(self, request_id: str, spec: ExplainSpec) -> asyncio.Future[ExplainDone]:
+        """Queue an explanation from the running event loop (``spec`` already checked by the
+        caller); the future gets its :class:`ExplainDone`.
+
+        Raises at once, having handed nothing over: QueueFullError when
+        ``explain_max_queue`` explanations are queued or running (those in flight to the
+        engine count), ValueError for an id in use, RuntimeError when the engine is shutting
+        down or has died.
+        """
+        loop = asyncio.get_running_loop()
+        self._check_accepting()
+        future: asyncio.Future[ExplainDone] = loop.create_future()
+        with self._lock:
+            if request_id in self._explains:
+                raise ValueError(f"request id {request_id!r} is already in use.")
+            held = self._explaining_now()
+            if held + 1 > self.config.explain_max_queue:
+                raise QueueFullError(
+                    f"the explanation queue is full ({held} queued or running, "
+                    f"explain_max_queue {self.config.explain_max_queue}); retry later"
+                )
+            self._explains[request_id] = (future, loop)
+            self._explains_sent += 1  # before the post: explains_seen never runs ahead
+        self._post(Explain(request_id, spec))
+        return future
+
     def abort(self, request_id: str) -> None:
-        """Abort a request from any thread; its KV cache is freed before the next step and its
-        stream ends with finish_reason "abort". Unknown or finished ids are ignored."""
+        """Abort a request or an explanation from any thread; a request's KV cache is freed
+        before the next step and its stream ends with finish_reason "abort", an explanation
+        stops at its next pause. Unknown or finished ids are ignored."""
         self._post(Abort(request_id))
 
     def stats(self) -> EngineStats:
@@ -173,9 +207,25 @@ class EngineClient:
         await self._stopped()
 
     # ------------------------------------------------------------------ admission
+    def _check_accepting(self) -> None:
+        if self._error is not None:
+            raise RuntimeError(f"the engine stopped after an error: {self._error}")
+        if not self._accepting:
+            raise RuntimeError("the engine is shutting down")
+
     def _view(self) -> EngineStats:
-        """The last round's gauges with the adds in flight among the waiting (under _lock)."""
-        return dataclasses.replace(self._stats, waiting=self._stats.waiting + self._pending())
+        """The last round's gauges with the adds in flight among the waiting, and the
+        explanations held or in flight (under _lock)."""
+        return dataclasses.replace(
+            self._stats,
+            waiting=self._stats.waiting + self._pending(),
+            explanations=self._explaining_now(),
+        )
+
+    def _explaining_now(self) -> int:
+        """Explanations the engine holds as of its last round, and those in flight to it
+        (each counted once, as for adds; under _lock)."""
+        return self._explaining + self._explains_sent - self._explains_seen
 
     def _admit(self, n: int) -> None:
         """Admit ``n`` sequences at once or raise QueueFullError (under ``_lock``).
@@ -218,8 +268,13 @@ class EngineClient:
         many adds it had taken in (all as of the same moment), then deliver its outputs."""
         with self._lock:
             self._stats, self._busy, self._adds_seen = out.stats, out.busy, out.adds_seen
+            self._explaining, self._explains_seen = out.explaining, out.explains_seen
+            answered = [(self._explains.pop(d.request_id, None), d) for d in out.explained]
         failed = [(refused.request_id, refused.error()) for refused in out.failed]
         deliver(self._lock, self._streams, out.outputs, failed)
+        for waiter, done in answered:
+            if waiter is not None:
+                _call_soon(waiter[1], _resolve, waiter[0], done)
 
     async def _drain(self, timeout: float) -> None:
         """Wait up to ``timeout`` seconds for the engine to finish every request it was
@@ -228,7 +283,7 @@ class EngineClient:
         deadline = loop.time() + max(0.0, timeout)
         while self._error is None and loop.time() < deadline:
             with self._lock:
-                if not self._busy and not self._pending():
+                if not self._busy and not self._pending() and not self._explaining_now():
                     return
             await asyncio.sleep(0.01)
 
@@ -238,9 +293,12 @@ class EngineClient:
         self._error = message
         with self._lock:
             streams, self._streams = self._streams, {}
+            waiters, self._explains = self._explains, {}
         dead = EngineDeadError(f"the engine stopped after an error: {message}")
         for stream, loop in streams.values():
             _call_soon(loop, stream._put, dead)
+        for future, loop in waiters.values():
+            _call_soon(loop, _resolve, future, dead)
 
     # ------------------------------------------------------------------ for transports
     def start(self) -> None:
@@ -282,6 +340,15 @@ def deliver(
 def _put_all(items: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
     for stream, value in items:
         stream._put(value)
+
+
+def _resolve(future: asyncio.Future, value: ExplainDone | BaseException) -> None:
+    if future.done():  # its handler was cancelled (client gone): nobody waits
+        return
+    if isinstance(value, BaseException):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:

@@ -70,6 +70,15 @@ class EngineConfig:
             core: the HTTP process keeps the event loop and streams, and the engine's steps
             never wait on its GIL. Off: an engine thread in the calling process (tests,
             embedding; ``AsyncEngine.engine`` is then reachable).
+        explain_share: while requests are running, explanations (``POST /v1/explain``)
+            get this fraction of the engine's step time, in slices between steps, so
+            running streams keep (1 - share) of their pace; between 0 (exclusive) and 1.
+        explain_max_queue: most explanations queued or running at once; one more is
+            refused (HTTP 429).
+        explain_max_work: most work one explanation may ask for, in tokens (prompt and
+            target; a completion's tokens each with their own context) × integration
+            steps; more is refused (HTTP 400). The default takes 256 tokens at
+            ``baobab explain``'s 512 steps.
     """
 
     kv_cache_memory_gib: float = 1.0
@@ -89,6 +98,9 @@ class EngineConfig:
     ngram_max: int = 4
     draft: str | None = None
     separate_process: bool = True
+    explain_share: float = 0.1
+    explain_max_queue: int = 4
+    explain_max_work: int = 131072
 
     def __post_init__(self) -> None:
         check_positive(
@@ -99,6 +111,8 @@ class EngineConfig:
             max_num_batched_tokens=self.max_num_batched_tokens,
             prefill_chunk_size=self.prefill_chunk_size,
             max_queue=self.max_queue,
+            explain_max_queue=self.explain_max_queue,
+            explain_max_work=self.explain_max_work,
         )
         for key in (
             "block_size",
@@ -106,11 +120,18 @@ class EngineConfig:
             "max_num_batched_tokens",
             "prefill_chunk_size",
             "max_queue",
+            "explain_max_queue",
+            "explain_max_work",
         ):
             if not isinstance(getattr(self, key), int):
                 raise ValueError(
                     f"EngineConfig.{key} must be a positive integer; got {getattr(self, key)!r}."
                 )
+        share = self.explain_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ValueError(
+                f"EngineConfig.explain_share must be a fraction in (0, 1]; got {share!r}."
+            )
         if self.prefill_chunk_size > self.max_num_batched_tokens:
             raise ValueError(
                 f"EngineConfig.prefill_chunk_size must be at most max_num_batched_tokens "

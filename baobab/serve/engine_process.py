@@ -8,7 +8,7 @@ thread); the HTTP process keeps the event loop, the streams and a reader thread 
 each round's output to ``EngineClient._receive``.
 
 One duplex pipe carries the typed messages of ``messages.py``. Parent to child:
-AddRequests, Abort, Shutdown. Child to parent: Ready once, then one RoundOutput per round,
+AddRequests, Explain, Abort, Shutdown. Child to parent: Ready once, then one RoundOutput per round,
 or Failed when the engine could not be loaded or raised (the child then exits).
 
 Lifetime: the child ignores SIGINT/SIGTERM (the parent drains, then sends Shutdown) and
@@ -152,7 +152,7 @@ def _child_main(conn: Connection, export_dir: str, config: EngineConfig) -> None
     try:
         if torch.device(config.device).type == "cpu":
             torch.set_num_threads(config.num_threads(weight_bytes(Path(export_dir))))
-        core = EngineCore(load_engine(Path(export_dir), config))
+        core = EngineCore(load_engine(Path(export_dir), config), Path(export_dir))
     except Exception as err:
         conn.send(Failed(f"the model could not be loaded: {err}"))
         return

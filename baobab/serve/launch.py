@@ -59,5 +59,5 @@ def load_served_model(
     if cpu:
         torch.set_num_threads(config.num_threads(weight_bytes(path)))
     if family == "gpt":
-        return AsyncEngine(load_engine(path, config), name)
+        return AsyncEngine(load_engine(path, config), name, path)
     return load_classifier(path, meta, config, name)

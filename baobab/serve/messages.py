@@ -5,8 +5,10 @@ them from an in-process inbox, the engine process (``engine_process.py``) from a
 :class:`~baobab.serve.engine_core.EngineCore` folds them into the engine the same way.
 
 To the core: :class:`AddRequests` (one HTTP request's choices, admitted together),
-:class:`Abort`, :class:`Shutdown`. From the core: :class:`Ready` once, then one
-:class:`RoundOutput` per round, or :class:`Failed` when the engine raised (nothing follows).
+:class:`Explain` (one ``/v1/explain``), :class:`Abort`, :class:`Shutdown`. From the core:
+:class:`Ready` once, then one :class:`RoundOutput` per round (finished explanations ride
+on it as :class:`ExplainDone`), or :class:`Failed` when the engine raised (nothing
+follows).
 
 Every message is a plain dataclass of plain values and the types in ``types.py``, so
 pickle (the pipe) carries it whole; exceptions are carried as :class:`Refused` (an
@@ -15,8 +17,8 @@ exception's own pickling loses the arguments of errors such as PromptTooLongErro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from baobab.serve.types import EngineStats, QueueFullError, RequestOutput, SamplingParams
 
@@ -40,9 +42,33 @@ class AddRequests:
 
 
 @dataclass(frozen=True)
+class ExplainSpec:
+    """What one ``/v1/explain`` asks of ``baobab.explain.explain`` (checked by the client:
+    methods known, work within ``EngineConfig.explain_max_work``, within the context)."""
+
+    prompt: str
+    target: str | None = None
+    completion: str | None = None  # a text the model produced, sent back by the client
+    contrast: str | None = None
+    methods: tuple[str, ...] = ("ig",)
+    ig_steps: int = 32
+    max_delta: float = 0.05
+    top_k: int = 5
+
+
+@dataclass(frozen=True)
+class Explain:
+    """Explain with the engine's own float32 copy of the model, in slices between steps
+    (``explain_worker.py``); the answer comes back as an :class:`ExplainDone`."""
+
+    request_id: str
+    spec: ExplainSpec
+
+
+@dataclass(frozen=True)
 class Abort:
-    """Drop a request (its KV cache is freed before the next step); unknown ids are
-    ignored."""
+    """Drop a request (its KV cache is freed before the next step) or an explanation (it
+    stops at its next pause); unknown ids are ignored."""
 
     request_id: str
 
@@ -52,7 +78,7 @@ class Shutdown:
     """Abort everything the engine holds, report it, and stop (the client drained first)."""
 
 
-ToCore = AddRequests | Abort | Shutdown
+ToCore = AddRequests | Explain | Abort | Shutdown
 
 
 # ---------------------------------------------------------------------- core -> client
@@ -86,16 +112,34 @@ class Refused:
 
 
 @dataclass(frozen=True)
+class ExplainDone:
+    """An explanation that ended: ``result`` (``to_json()`` of the explanation) when
+    ``kind`` is "ok"; otherwise one sentence: "invalid" (the explanation cannot be given as
+    asked: HTTP 400), "aborted" (client gone or shutdown), "failed" (an unexpected error,
+    logged by the core)."""
+
+    request_id: str
+    kind: Literal["ok", "invalid", "aborted", "failed"]
+    result: dict[str, Any] | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
 class RoundOutput:
     """One engine round: its outputs and refusals, and, as of its end, the engine's gauges,
-    whether requests remain unfinished (``busy``) and how many adds it has taken in since it
-    started (``adds_seen``; the client's admission counts the rest as in flight)."""
+    whether requests or explanations remain unfinished (``busy``) and how many adds it has
+    taken in since it started (``adds_seen``; the client's admission counts the rest as in
+    flight); likewise explanations: those that ended, those still queued or running
+    (``explaining``) and how many it has taken in (``explains_seen``)."""
 
     outputs: list[RequestOutput]
     failed: list[Refused]
     stats: EngineStats
     busy: bool
     adds_seen: int
+    explained: list[ExplainDone] = field(default_factory=list)
+    explaining: int = 0
+    explains_seen: int = 0
 
 
 @dataclass(frozen=True)

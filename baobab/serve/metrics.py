@@ -26,6 +26,9 @@ baobab_time_to_first_token_seconds         histogram  arrival to first generated
 baobab_inter_token_latency_seconds         histogram  time between generated tokens
 baobab_e2e_request_latency_seconds         histogram  arrival to last token (or answer)
 baobab_images_classified_total             counter    images classified (image models)
+baobab_explanations_pending                gauge      explanations queued or running
+baobab_explanations_total                  counter    explanations answered, by outcome
+baobab_explanation_seconds                 histogram  arrival to answer of an explanation
 =========================================  =========  ====================================
 """
 
@@ -66,6 +69,7 @@ class _EngineGauges(Collector):
             ("baobab_kv_cache_blocks_total", "KV-cache blocks in all.", stats.kv_cache_blocks_total),
             ("baobab_spec_decode_acceptance_ratio", "Speculative tokens accepted / proposed.", spec.acceptance_rate),
             ("baobab_spec_decode_tokens_per_step", "Tokens per speculative verify step.", spec.tokens_per_step),
+            ("baobab_explanations_pending", "Explanations queued or running.", stats.explanations),
         )  # fmt: skip
         counters = (  # the engine's own totals since start-up
             ("baobab_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries),
@@ -109,6 +113,12 @@ class ServerMetrics:
         self._e2e = Histogram(
             "baobab_e2e_request_latency_seconds", "Arrival to last token or answer.", m, **buckets
         )
+        self._explained = Counter(
+            "baobab_explanations", "Explanations answered.", [*m, "outcome"], registry=r
+        )
+        self._explain_seconds = Histogram(
+            "baobab_explanation_seconds", "Arrival to answer of an explanation.", m, **buckets
+        )
         r.register(_EngineGauges(stats))
         self.model = ""
 
@@ -136,6 +146,11 @@ class ServerMetrics:
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model, reason).inc()
+
+    def explained(self, outcome: str, seconds: float) -> None:
+        """An explanation answered: "ok", "invalid", "aborted" or "failed"."""
+        self._explained.labels(self.model, outcome).inc()
+        self._explain_seconds.labels(self.model).observe(seconds)
 
     def classified(self, images: int, seconds: float) -> None:
         self._images.labels(self.model).inc(images)

@@ -12,6 +12,8 @@
 ``POST /v1/completions``   text completion, streamed or not (``handlers.py``)
 ``POST /v1/chat/completions``  chat completion through the chat template (``chat.py``)
 ``POST /v1/classify``      image classification (image models)
+``POST /v1/explain``       why the model gives a text after a prompt: token attributions,
+                           attention maps, logit lens (language models; ``explain_http.py``)
 =========================  ===============================================================
 
 Every error has OpenAI's shape (``errors.py``); with API keys set, every route but
@@ -42,10 +44,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from baobab.serve import handlers
+from baobab.serve import explain_http, handlers
 from baobab.serve import protocol as p
 from baobab.serve.chat import ChatTemplate
 from baobab.serve.errors import APIError, documented, error_response, quoted
+from baobab.serve.explain_protocol import ExplainRequest, ExplainResponse
 from baobab.serve.limits import DEFAULT_MAX_BODY_MIB, MIB, BodyLimit
 from baobab.serve.metrics import ServerMetrics
 
@@ -159,6 +162,12 @@ class ServerState:
         if kind == "generate" and not generates:
             raise APIError(
                 400, f"the model '{served.model_name}' classifies images; use POST /v1/classify"
+            )
+        if kind == "explain" and not generates:
+            raise APIError(
+                400,
+                f"the model '{served.model_name}' classifies images; explanations over HTTP "
+                "are for language models (use baobab explain for image models)",
             )
         if kind == "classify" and generates:
             raise APIError(
@@ -323,9 +332,9 @@ def build_app(
     return app
 
 
-def _context(state: ServerState, model: str | None) -> handlers.Context:
+def _context(state: ServerState, model: str | None, kind: str = "generate") -> handlers.Context:
     return handlers.Context(
-        engine=state.ready(model, "generate"),
+        engine=state.ready(model, kind),
         metrics=state.metrics,
         chat_template=state.chat_template,
         on_failure=state.fail,
@@ -383,6 +392,14 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     async def chat_completions(req: p.ChatCompletionRequest, request: Request):
         """Answer a conversation, rendered through the model's chat template."""
         return await handlers.chat_completion(_context(state, req.model), req, request)
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses=v1)
+    async def explain(req: ExplainRequest, request: Request):
+        """Explain why the model gives ``target`` (or its own next token, or each token of a
+        ``completion``) after ``prompt``: per-token attributions, attention maps and a logit
+        lens, the JSON of ``baobab explain`` (extension). Run inside the engine between
+        decode steps; its work is bounded (tokens x ig_steps) and its queue too (429)."""
+        return await explain_http.explanation(_context(state, req.model, "explain"), req, request)
 
     @app.post("/v1/classify", responses=v1)
     async def classify(req: p.ClassifyRequest) -> p.ClassifyResponse:

@@ -162,3 +162,6 @@ class EngineStats:
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
+    # /v1/explain: explanations queued or running in the engine core, and those handed
+    # over that it has not taken in yet (filled in by EngineClient.stats()).
+    explanations: int = 0

@@ -21,10 +21,20 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 
 EXAMPLES = 40  # per operation and mode
 MAX_TOKENS = 24  # generated tokens per choice in valid cases (chat's default is the context)
+# Valid explanations stay cheap: a few integration steps over a short text.
+EXPLAIN_STEPS, EXPLAIN_CHARS = 8, {"prompt": 24, "target": 4, "completion": 3, "contrast": 4}
 
 
 def bounded(case):
-    """Keep a valid case valid but cheap: at most MAX_TOKENS tokens per choice."""
+    """Keep a valid case valid but cheap: at most MAX_TOKENS tokens per choice, and short
+    explanations of at most EXPLAIN_STEPS integration steps."""
+    if case.path == "/v1/explain" and isinstance(case.body, dict):
+        for key, chars in EXPLAIN_CHARS.items():
+            if isinstance(case.body.get(key), str):
+                case.body[key] = case.body[key][:chars] or "x"
+        if not isinstance(case.body.get("ig_steps"), int) or case.body["ig_steps"] > 8:
+            case.body["ig_steps"] = EXPLAIN_STEPS
+        return case
     if isinstance(case.body, dict) and ("prompt" in case.body or "messages" in case.body):
         for key in ("max_tokens", "max_completion_tokens"):
             if not isinstance(case.body.get(key), int) or case.body[key] > MAX_TOKENS:
@@ -42,6 +52,7 @@ def test_every_operation_conforms_to_the_schema(lm_server):
         "POST /v1/completions",
         "POST /v1/chat/completions",
         "POST /v1/classify",
+        "POST /v1/explain",
     }
     for op in operations:
         modes = [GenerationMode.POSITIVE]
