@@ -142,14 +142,14 @@ def explain_command(
         from baobab.data import Tokenizer
 
         tokenizer = Tokenizer.load(opened.tokenizer_file)
-        total = text_work(
+        total = text_units(
             tokenizer, family, prompt, target, completion, max_tokens, method_list, ig_steps
         )
     else:
         if not inputs:
             raise ExplainError(f"a {family} model needs --inputs (.npy arrays or image files).")
         batch = load_inputs(model, family, inputs).to(device)
-        total = input_work(model, batch, method_list, ig_steps)
+        total = input_units(model, batch, method_list, ig_steps)
     args = dict(
         out=out,
         prompt=prompt,
@@ -223,7 +223,7 @@ def command_line(model_dir: str, args: dict[str, Any]) -> str:
     return shlex.join(parts)
 
 
-def text_work(
+def text_units(
     tokenizer: Any,
     family: str,
     prompt: str,
@@ -247,7 +247,7 @@ def text_work(
     return api.planned_units(methods, ig_steps, [context + i for i in range(steps)])
 
 
-def input_work(
+def input_units(
     model: torch.nn.Module, batch: torch.Tensor, methods: list[str], ig_steps: int
 ) -> int:
     """The progress bar's total for image and vector inputs (the vision half counts it)."""
@@ -377,4 +377,4 @@ def _summary(result, out: Path) -> None:
     print(f"report: {out / 'report.html'}")
 
 
-__all__ = ["ExplainConfig", "explain_command", "load_inputs", "input_work", "text_work"]
+__all__ = ["ExplainConfig", "explain_command", "load_inputs", "input_units", "text_units"]

@@ -17,7 +17,7 @@ from PIL import Image
 from baobab.cli import main
 from baobab.data import Tokenizer, byte_tokenizer
 from baobab.explain import explain
-from baobab.explain.command import text_work
+from baobab.explain.command import text_units
 from baobab.explain.figures import (
     DPI,
     attention_inches,
@@ -114,7 +114,7 @@ def test_the_progress_total_is_the_work_the_explanation_reports(models) -> None:
             done = []
             explain(opened.model, tokenizer, prompt="def f", methods=methods, ig_steps=8,
                     max_delta=10.0, progress=done.append, **kwargs)  # fmt: skip
-            total = text_work(tokenizer, "gpt", "def f", kwargs.get("target"),
+            total = text_units(tokenizer, "gpt", "def f", kwargs.get("target"),
                               kwargs.get("completion"), kwargs.get("max_tokens", 0), methods, 8)  # fmt: skip
             if methods == ["ig"]:
                 assert 0 < sum(done) <= total, kwargs
