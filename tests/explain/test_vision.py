@@ -221,3 +221,18 @@ def test_integrated_gradients_with_too_few_steps_are_refused() -> None:
     x = torch.rand(4, 64, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ExplainError, match="exceeds max_delta 0.001; raise ig_steps"):
         explain(model, inputs=x, methods="ig", ig_steps=1, max_delta=1e-3)
+
+
+@pytest.mark.cuda
+def test_a_model_on_the_gpu_explains_cpu_inputs_as_on_the_cpu() -> None:
+    model = build_model("resnet18-digits", seed=0).eval()
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    methods = ["ig", "grad_x_input", "occlusion"]
+    options = dict(labels=[0, 4, 9], methods=methods, ig_steps=16, max_delta=10.0)
+    cpu = explain(model, inputs=x, **options)
+    gpu = explain(model.cuda(), inputs=x, **options)  # cuDNN may use TF32: loose tolerances
+    assert gpu.images.device.type == "cpu" and gpu.gradcam.device.type == "cpu"
+    torch.testing.assert_close(gpu.gradcam, cpu.gradcam, atol=1e-2, rtol=1e-2)
+    for a, b in zip(gpu.items, cpu.items):
+        for sa, sb in zip(a.attributions, b.attributions):
+            torch.testing.assert_close(sa.scores, sb.scores, atol=1e-2, rtol=1e-2)
