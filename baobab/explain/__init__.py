@@ -4,7 +4,7 @@ Built on Captum (integrated gradients, gradient × input, occlusion, Grad-CAM) a
 hooks around the finished model: nothing in ``baobab/models`` knows about explanations.
 """
 
-from baobab.explain.api import check_methods, explain, family_name, text_work
+from baobab.explain.api import check_methods, explain, family_name, planned_units, text_work
 from baobab.explain.types import (
     METHODS,
     AttentionMaps,
@@ -35,6 +35,7 @@ __all__ = [
     "check_methods",
     "explain",
     "family_name",
+    "planned_units",
     "text_work",
     "to_json",
 ]

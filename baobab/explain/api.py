@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from baobab.data.tokenizer import Tokenizer
+from baobab.explain.paths import max_rows
 from baobab.explain.types import METHODS, ExplainError, Explanation, TextExplanation
 
 Progress = Callable[[int], None]
@@ -61,7 +62,7 @@ def explain(
     inputs: torch.Tensor | None = None,
     labels: Sequence[int] | None = None,
     methods: Sequence[str] | str = ("ig",),
-    ig_steps: int = 64,
+    ig_steps: int = 512,
     max_delta: float = 0.05,
     top_k: int = 5,
     internal_batch_size: int = 16,
@@ -78,9 +79,10 @@ def explain(
     mlp) take ``inputs`` (N, ...) and explain class ``labels`` (default: the predicted ones)
     or, for regression, the output.
 
-    Integrated gradients interpolate from a zero baseline in ``ig_steps`` steps (Gauss-
-    Legendre); an explanation whose convergence delta exceeds ``max_delta`` is refused
-    (ExplainError: raise ig_steps). ``top_k`` sizes the logit lens. ``progress(units)`` is
+    Integrated gradients interpolate from a zero baseline with at most ``ig_steps``
+    integration points (Gauss-Legendre, piece by piece where the path is rough: see
+    ``paths.py``); an explanation whose convergence delta still exceeds ``max_delta`` is
+    refused (ExplainError: raise ig_steps). ``top_k`` sizes the logit lens. ``progress(units)`` is
     called after each forward pass (see the module docstring).
 
     The model is put in eval mode and must be on the device the explanation runs on.
@@ -128,9 +130,28 @@ def explain(
     return explain_inputs(model, family, inputs, labels, **options)
 
 
+def planned_units(methods: Sequence[str], ig_steps: int, context_lengths: Sequence[int]) -> int:
+    """The units ``progress`` reports for explaining one prediction per context length, at
+    most (a progress bar's total): integrated gradients at most ig_steps rows plus two per
+    piece of the path for its delta (``paths.py``; a smooth path stops early), gradient ×
+    input one, occlusion one per token plus the unperturbed one. A contrast doubles nothing
+    (its sequence shares each forward's rows)."""
+    ig = max_rows(ig_steps)
+    per_row = {"ig": lambda p: ig, "grad_x_input": lambda p: 1, "occlusion": lambda p: p + 1}
+    return sum(per_row[m](p) for m in check_methods(list(methods)) for p in context_lengths)
+
+
 def text_work(prompt_tokens: int, target_tokens: int, ig_steps: int) -> int:
     """The bound ``/v1/explain`` checks: tokens × integration steps."""
     return (prompt_tokens + target_tokens) * ig_steps
 
 
-__all__ = ["Progress", "TextExplanation", "check_methods", "explain", "family_name", "text_work"]
+__all__ = [
+    "Progress",
+    "TextExplanation",
+    "check_methods",
+    "explain",
+    "family_name",
+    "planned_units",
+    "text_work",
+]
