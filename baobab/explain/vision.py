@@ -8,12 +8,15 @@ Vectors (N, F) or (F,) give a ``FeatureExplanation`` with one score per feature.
 
 The explained value is the label's logit for a classifier (label: the one asked for, else
 the argmax) and the selected output (default 0) for a regression mlp. Every method starts
-from a zero baseline (a black image, a zero vector).
+from a zero baseline (a black image, a zero vector). Integrated gradients integrate one input
+at a time piece by piece (``paths.py``): a ReLU network's path gradient is piecewise
+constant, where one Gauss-Legendre rule converges only as 1/steps.
 
-Work units (``progress``): one integration step of one input for integrated gradients, one
-pass per input for gradient × input and for Grad-CAM, one occluded window per input for
-occlusion; ``input_work`` gives the total in advance. Inputs are explained in chunks of at
-most ``internal_batch_size`` rows so that no Captum batch holds more rows than that.
+Work units (``progress``): every row of every forward pass, as for text: integrated
+gradients' integration points plus two rows per piece for its delta, one per input for
+gradient × input and for Grad-CAM, one per occluded window per input plus the unoccluded
+one for occlusion; ``input_work`` bounds the total in advance. Inputs are explained in
+chunks of at most ``internal_batch_size`` rows so that no Captum batch holds more.
 
 Shape legend: N inputs, C channels, H height, W width, F features, K outputs.
 """
@@ -28,13 +31,13 @@ import torch
 import torch.nn.functional as F
 from captum.attr import (
     InputXGradient,
-    IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
     Occlusion,
 )
 from torch import nn
 
+from baobab.explain.paths import integrated_gradients, max_rows
 from baobab.explain.types import (
     Attribution,
     ExplainError,
@@ -50,30 +53,15 @@ GRADCAM_CANDIDATES = ("layer4", "layer3", "layer2", "layer1", "maxpool")
 
 
 class _Counted:
-    """The forward function Captum calls, reporting the rows of each pass as work units.
+    """The forward function Captum calls, reporting the rows of each pass as work units
+    (Captum calls it once per internal batch, so the server may pause between them)."""
 
-    ``grad_only``: count only passes with gradients enabled (integrated gradients' delta is
-    computed from two extra no-grad passes that are no integration step). ``free_first``:
-    the first pass is uncounted (occlusion's unoccluded reference evaluation).
-    """
-
-    def __init__(
-        self,
-        forward: Callable[[torch.Tensor], torch.Tensor],
-        progress: Progress,
-        *,
-        grad_only: bool = False,
-        free_first: bool = False,
-    ) -> None:
+    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], progress: Progress):
         self.forward, self.progress = forward, progress
-        self.grad_only, self.free = grad_only, free_first
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         out = self.forward(x)
-        if self.free:
-            self.free = False
-        elif torch.is_grad_enabled() or not self.grad_only:
-            self.progress(x.shape[0])
+        self.progress(x.shape[0])
         return out
 
 
@@ -197,10 +185,16 @@ def input_work(
     model: nn.Module, shape: Sequence[int], methods: Sequence[str], ig_steps: int
 ) -> int:
     """Work units ``explain_inputs`` reports for inputs of ``shape`` ((N, C, H, W), (N, F)
-    or (F,)): the total of its ``progress`` calls, for a progress bar or a work bound."""
+    or (F,)), at most: a bound on the total of its ``progress`` calls, for a progress bar's
+    total or a work limit."""
     shape = tuple(shape) if len(shape) != 1 else (1, *shape)
     n, one = shape[0], shape[1:]
-    per_input = {"ig": ig_steps, "grad_x_input": 1, "occlusion": occlusion_windows(one)}
+    # Integrated gradients: at most (a smooth path stops refining early).
+    per_input = {
+        "ig": max_rows(ig_steps),
+        "grad_x_input": 1,
+        "occlusion": 1 + occlusion_windows(one),
+    }
     units = n * sum(per_input[m] for m in methods)
     if len(one) == 3 and gradcam_layer(model, one[1:]) is not None:
         units += n  # one Grad-CAM pass per image
@@ -214,29 +208,37 @@ def _attribute(
     target: list[int],
     progress: Progress,
     ig_steps: int,
+    max_delta: float,
     internal_batch_size: int,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One method's scores for a chunk x (n, ...) with n <= internal_batch_size, and
-    integrated gradients' per-input convergence delta (n,)."""
-    baseline = torch.zeros_like(x)
+) -> tuple[torch.Tensor, list[float] | None]:
+    """One method's scores for a chunk x (n, ...) with n <= internal_batch_size and, for
+    integrated gradients, each input's convergence delta bound (refused over max_delta)."""
+    counted = _Counted(forward, progress)
     if method == "ig":
-        ig = IntegratedGradients(_Counted(forward, progress, grad_only=True))
-        scores, delta = ig.attribute(
-            x,
-            baselines=baseline,
-            target=target,
-            n_steps=ig_steps,
-            method="gausslegendre",
-            internal_batch_size=internal_batch_size,
-            return_convergence_delta=True,
-        )
-        return scores, delta
+        scores, deltas = [], []
+        for row, k in zip(x, target):
+            # paths.py integrates one input of a scalar function: the target's output.
+            attr, delta = integrated_gradients(
+                lambda z, k=k: counted(z)[:, k],
+                row[None],
+                torch.zeros_like(row[None]),
+                ig_steps,
+                max_delta,
+                internal_batch_size,
+            )
+            if not abs(delta) <= max_delta:
+                raise ExplainError(
+                    f"integrated gradients did not converge: their delta {delta:.3g} exceeds "
+                    f"max_delta {max_delta:g} at {ig_steps} steps; raise ig_steps."
+                )
+            scores.append(attr)
+            deltas.append(delta)
+        return torch.cat(scores), deltas
     if method == "grad_x_input":
-        ixg = InputXGradient(_Counted(forward, progress, grad_only=True))
+        ixg = InputXGradient(counted)
         return ixg.attribute(x.clone().requires_grad_(), target=target), None
     window, strides = _windows(x.shape[1:])
-    occlusion = Occlusion(_Counted(forward, progress, free_first=True))
-    scores = occlusion.attribute(
+    scores = Occlusion(counted).attribute(
         x,
         sliding_window_shapes=window,
         strides=strides,
@@ -253,7 +255,7 @@ def _gradcam(
     """Grad-CAM (n, H, W) of chunk x (n, C, H, W): channel-weighted ``layer`` activations,
     ReLU'd, upsampled bilinearly to the image. Captum's hook returns a clone of the layer's
     output, so the stages' inplace ReLUs never overwrite what it differentiates."""
-    cam = LayerGradCam(_Counted(model, progress, grad_only=True), getattr(model, layer))
+    cam = LayerGradCam(_Counted(model, progress), getattr(model, layer))
     heat = cam.attribute(x, target=target, relu_attributions=True)  # (n, 1, h, w)
     heat = LayerAttribution.interpolate(heat, tuple(x.shape[-2:]), "bilinear")
     return F.relu(heat)[:, 0].detach()
@@ -274,8 +276,9 @@ def explain_inputs(
     """Explain a resnet or mlp on ``inputs`` (see the module docstring); called by
     ``baobab.explain.explain``, which has checked the methods and options.
 
-    Integrated gradients whose convergence delta exceeds ``max_delta`` for any input are
-    refused (ExplainError). The model is left in eval mode, with no hooks and no
+    Integrated gradients whose convergence delta bound (``paths.py``) still exceeds
+    ``max_delta`` for any input at ``ig_steps`` points are refused (ExplainError). The
+    model is left in eval mode, with no hooks and no
     parameter gradients.
     """
     task = _task(model, family)
@@ -296,29 +299,21 @@ def explain_inputs(
     if family == "resnet":
         layer = gradcam_layer(model, tuple(inputs.shape[-2:]))
     scores: dict[str, list[torch.Tensor]] = {m: [] for m in methods}
-    deltas: list[torch.Tensor] = []
+    deltas: list[float] = []
     heat: list[torch.Tensor] = []
     for start in range(0, len(x_all), internal_batch_size):
         x = x_all[start : start + internal_batch_size]
         target = targets[start : start + internal_batch_size]
         for method in methods:
             s, delta = _attribute(
-                method, forward, x, target, progress, ig_steps, internal_batch_size
+                method, forward, x, target, progress, ig_steps, max_delta, internal_batch_size
             )
-            if delta is not None:
-                worst = float(delta.abs().max())
-                if worst > max_delta:
-                    raise ExplainError(
-                        f"integrated gradients' convergence delta {worst:.3g} exceeds "
-                        f"max_delta {max_delta:g}; raise ig_steps (now {ig_steps})."
-                    )
-                deltas.append(delta.detach())
+            deltas += delta or []
             scores[method].append(s.detach())
         if layer is not None:
             heat.append(_gradcam(model, layer, x, target, progress))
 
     by_method = {m: torch.cat(s).float().cpu() for m, s in scores.items()}
-    delta_all = torch.cat(deltas).tolist() if deltas else None
     items = [
         InputItem(
             index=i,
@@ -330,7 +325,7 @@ def explain_inputs(
                 Attribution(
                     method=m,
                     scores=by_method[m][i],
-                    delta=delta_all[i] if m == "ig" and delta_all is not None else None,
+                    delta=deltas[i] if m == "ig" else None,
                 )
                 for m in methods
             ],
