@@ -373,7 +373,10 @@ def _summary(result, out: Path) -> None:
             what += f", rather than {step.contrast!r}: {step.value:.3f}"
         print(what + (f" ({deltas})" if deltas else ""))
     for item in getattr(result, "items", []):
-        print(f"input {item.index}: value {item.value:.4g}")
+        name = item.label_name if item.label_name is not None else item.label
+        what = "output" if item.label is None else f"class {name}"
+        prob = "" if item.probability is None else f", p {item.probability:.3f}"
+        print(f"input {item.index}: {what} {item.value:.4g}{prob}")
     print(f"report: {out / 'report.html'}")
 
 
