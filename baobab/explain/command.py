@@ -374,7 +374,7 @@ def _summary(result, out: Path) -> None:
         print(what + (f" ({deltas})" if deltas else ""))
     for item in getattr(result, "items", []):
         name = item.label_name if item.label_name is not None else item.label
-        what = "output" if item.label is None else f"class {name}"
+        what = "output" if item.label is None else f"class {name}: logit"
         prob = "" if item.probability is None else f", p {item.probability:.3f}"
         print(f"input {item.index}: {what} {item.value:.4g}{prob}")
     print(f"report: {out / 'report.html'}")
