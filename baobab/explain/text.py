@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -218,16 +219,19 @@ class _TokenText:
         return self.cache[token_id]
 
 
+@dataclass
 class _Plan:
     """One explained prediction: the sequences the objective scores and what is attributed."""
 
-    def __init__(self, context_ids, target_ids, contrast_ids, position, sequences) -> None:
-        self.context_ids: list[int] = context_ids  # attributed: the first P tokens
-        self.target_ids: list[int] = target_ids
-        self.contrast_ids: list[int] | None = contrast_ids
-        self.position: int = position
-        self.sequences = sequences  # [(ids, [(position, token)], sign)]: target first
-        self.attributed = len(context_ids)
+    context_ids: list[int]  # attributed: the first P tokens of every sequence
+    target_ids: list[int]
+    contrast_ids: list[int] | None
+    position: int
+    sequences: list[tuple[list[int], list[tuple[int, int]], float]]  # target's first
+
+    @property
+    def attributed(self) -> int:
+        return len(self.context_ids)
 
 
 def _causal_sequence(context: list[int], target: list[int], sign: float):
@@ -276,17 +280,15 @@ def _plans(
             new = _encode(tokenizer, completion, "completion")
         else:
             new = _greedy(model, tokenizer, ids, max(1, max_tokens))
+        if not new:
+            raise ExplainError("the model produced no token to explain after this prompt.")
         if contrast_ids is None:
-            return [
-                _Plan(
-                    ids + new[:i],
-                    [t],
-                    None,
-                    len(ids) + i - 1,
-                    [_causal_sequence(ids + new[:i], [t], 1.0)],
-                )  # fmt: skip
-                for i, t in enumerate(new)
-            ]
+            plans = []
+            for i, token in enumerate(new):
+                context = ids + new[:i]
+                sequence = _causal_sequence(context, [token], 1.0)
+                plans.append(_Plan(context, [token], None, len(context) - 1, [sequence]))
+            return plans
         target_ids = new[:1]
     sequences = [_causal_sequence(ids, target_ids, 1.0)]
     if contrast_ids is not None:
