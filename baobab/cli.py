@@ -84,6 +84,15 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "bench": {"serve": "baobab.serve.bench:bench_serve"},
     "serve": "baobab.serve.http_command:serve",
     "explain": "baobab.explain.command:explain_command",
+    "registry": {  # the versioned model registry (baobab/registry)
+        "push": "baobab.registry.command:push",
+        "pull": "baobab.registry.command:pull",
+        "list": "baobab.registry.command:list_models",
+        "show": "baobab.registry.command:show",
+        "alias": "baobab.registry.command:alias",
+        "verify": "baobab.registry.command:verify",
+        "rm": "baobab.registry.command:rm",
+    },
 }
 BUILT_IN = ("train", "finetune", "prepare", "plan")  # parsers of their own, below
 

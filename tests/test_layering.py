@@ -26,6 +26,7 @@ FLOW: list[set[str]] = [
     {"models"},
     {"optim", "parallel", "checkpoint", "horovod"},
     {"export"},
+    {"registry"},  # versioned exports by name: train, serve and explain read models:/ names
     {"train", "explain"},  # explain: Captum and hooks around a finished model
     {"serve"},
     {"launch"},  # the torchrun launcher: nothing of baobab

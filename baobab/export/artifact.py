@@ -6,6 +6,11 @@ An export directory holds::
     config.json         {"baobab_version", "model": {"name", "family", "config"},
                          "objective", "step", "dtype"}
     tokenizer.json      when the checkpoint had one
+
+A registry snapshot of a gpt (``baobab registry push``) holds Hugging Face files instead,
+with the export's config.json as ``baobab_config.json``: :func:`read_config` returns that,
+and :func:`load_exported` converts the Hugging Face weights back (exactly: renames and
+permutations).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import baobab
 from baobab.export.atomic import atomic_directory
 
 MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE = "model.safetensors", "config.json", "tokenizer.json"
+BAOBAB_CONFIG_FILE = "baobab_config.json"  # an export's config.json beside Hugging Face files
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -42,13 +48,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The config.json of an export directory."""
+    """The config.json of an export directory (its baobab_config.json in a registry snapshot)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"exported model directory '{path}' does not exist")
     for name in (CONFIG_FILE, MODEL_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"'{path}' is not an exported model: it has no {name}")
+    if (path / BAOBAB_CONFIG_FILE).is_file():
+        return json.loads((path / BAOBAB_CONFIG_FILE).read_text())
     return json.loads((path / CONFIG_FILE).read_text())
 
 
@@ -152,6 +160,11 @@ def load_exported(
 
     path = Path(path)
     config = read_config(path)
+    if (path / BAOBAB_CONFIG_FILE).is_file():  # a registry snapshot: Hugging Face weights
+        from baobab.export.hf_import import import_hf
+
+        model = import_hf(path, dtype or parse_dtype(config.get("dtype")))[0]
+        return model.to(device).eval(), config
     described = config["model"]
     cfg = models.get_config(described["name"], **described["config"])
     model = models.build_model(cfg, device="meta")

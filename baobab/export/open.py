@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from baobab.export.artifact import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from baobab.export.artifact import BAOBAB_CONFIG_FILE, CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 
 
 @dataclass
@@ -54,7 +54,9 @@ def open_model(path: str | Path, lazy: bool = False) -> OpenedModel:
 
         model, meta = import_hf(path)
         tok = meta.get("tokenizer")
-        return OpenedModel(model, meta["model"], Path(tok) if tok else None, "huggingface")
+        # A registry snapshot keeps the export's own description (its size name) beside.
+        described = (_json(path / BAOBAB_CONFIG_FILE) or {}).get("model") or meta["model"]
+        return OpenedModel(model, described, Path(tok) if tok else None, "huggingface")
     if config is not None and "model" in config and (path / MODEL_FILE).is_file():
         if "quantization" in config:
             raise ValueError(
