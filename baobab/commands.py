@@ -104,8 +104,9 @@ def generate(
     """Sample a continuation of a prompt from a language model.
 
     Args:
-        checkpoint: a checkpoint or run directory (its newest checkpoint), a baobab export
-            or a Hugging Face directory.
+        checkpoint: a checkpoint or run directory (its newest checkpoint), a baobab export,
+            a Hugging Face directory, or a registry model ``models:/NAME@ALIAS`` or
+            ``models:/NAME/VERSION`` (pulled from $BAOBAB_REGISTRY and verified first).
         prompt: the text to continue.
         max_tokens: at most this many new tokens.
         temperature: 0 is greedy; higher is more random.
@@ -118,8 +119,9 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
     from baobab.export.open import open_model
+    from baobab.registry import resolve_model_dir
 
-    opened = open_model(checkpoint)
+    opened = open_model(resolve_model_dir(checkpoint))
     model = opened.model
     if models.task_of(model.cfg) != "causal_lm":
         raise ValueError(

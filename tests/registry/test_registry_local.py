@@ -175,3 +175,34 @@ def test_rm_removes_a_version_and_collects_its_blobs(exports, tmp_path, capsys):
     assert _cli(capsys, "rm", "m", "--registry", str(home))[0] == 0
     assert not store.repo_dir("m").exists()
     assert resolve_model_dir(str(tmp_path)) == tmp_path
+
+
+def test_a_killed_pull_resumes_and_a_bad_partial_is_refused(registry, tmp_path):
+    source, cache = LocalStore(registry), LocalStore(tmp_path / "cache")
+    entry = source.read_manifest("gpt-mini", core.versions(source, "gpt-mini")[2])["files"]
+    sha = entry["model.safetensors"]["sha256"]
+    data = source.blob_path("gpt-mini", sha).read_bytes()
+    partial = cache.blob_path("gpt-mini", sha).with_name(sha + ".incomplete")
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(data[: len(data) // 2])  # what a pull killed mid-copy leaves
+    snap = core.pull(source, cache, parse_ref("gpt-mini@staging"))
+    assert (snap / "model.safetensors").read_bytes() == data and not partial.exists()
+    assert cache.refs("gpt-mini").keys() == {"v2", "staging", "main"}
+    other = LocalStore(tmp_path / "other")
+    bad = other.blob_path("gpt-mini", sha).with_name(sha + ".incomplete")
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"\0" * 64)  # a partial that is not a prefix: the whole blob mismatches
+    with pytest.raises(ValueError, match="file model.safetensors of 'gpt-mini' version 2 does not"):
+        core.pull(source, other, parse_ref("gpt-mini/2"))
+    assert not bad.exists() and other.refs("gpt-mini") == {}
+    core.pull(source, other, parse_ref("gpt-mini/2"))  # starts over, and succeeds
+    core.verify(other, parse_ref("gpt-mini/2"))
+
+
+def test_generate_reads_a_registry_name(registry, exports, monkeypatch, capsys):
+    from baobab.commands import generate
+
+    monkeypatch.setenv("BAOBAB_REGISTRY", str(registry))
+    by_name = generate("models:/gpt-mini/1", prompt="ab", max_tokens=5, temperature=0)
+    by_dir = generate(str(exports["llama"][1]), prompt="ab", max_tokens=5, temperature=0)
+    assert by_name == by_dir
