@@ -160,7 +160,14 @@ def verify(store: Store, ref: ModelRef) -> tuple[int, dict[str, Any]]:
         if _hash_blob(store, ref.name, entry["sha256"]) != entry["sha256"]:
             raise ValueError(
                 f"file {file} of '{ref.name}' version {version} does not match its sha256 "
-                "(corrupt or tampered); pull it again."
+                "(corrupt, missing or tampered); pull it again."
+            )
+    if isinstance(store, LocalStore):
+        wrong = store.snapshot_problem(ref.name, revision, manifest)
+        if wrong is not None:
+            raise ValueError(
+                f"file {wrong} of '{ref.name}' version {version} is not the blob its manifest "
+                "names (the snapshot was changed); pull it again."
             )
     return version, manifest
 

@@ -190,6 +190,15 @@ class LocalStore:
         with contextlib.suppress(OSError):  # the staging folder, when no other is assembling
             tmp.parent.rmdir()
 
+    def snapshot_problem(self, repo: str, revision: str, manifest: dict[str, Any]) -> str | None:
+        """The first snapshot file that is not a link to its manifest's blob, else None."""
+        snap = self.snapshot_dir(repo, revision)
+        for name, entry in manifest["files"].items():
+            link = snap / name
+            if not link.is_symlink() or os.path.basename(os.readlink(link)) != entry["sha256"]:
+                return name
+        return None
+
     # -- refs --
     def refs(self, repo: str) -> dict[str, str]:
         refs_dir = self.repo_dir(repo) / "refs"

@@ -140,13 +140,14 @@ def test_a_tampered_blob_is_refused_by_verify_and_pull(exports, tmp_path, capsys
     store = LocalStore(home)
     sha = store.read_manifest("g2", core.versions(store, "g2")[1])["files"]["model.safetensors"]["sha256"]  # fmt: skip
     blob = store.blob_path("g2", sha)
-    data = bytearray(blob.read_bytes())
+    original = blob.read_bytes()
+    data = bytearray(original)
     data[len(data) // 2] ^= 0x01
     blob.write_bytes(bytes(data))
     code, _, err = _cli(capsys, "verify", "g2/1", "--registry", str(home))
     assert code == 2 and err.strip() == (
         "error: file model.safetensors of 'g2' version 1 does not match its sha256 "
-        "(corrupt or tampered); pull it again."
+        "(corrupt, missing or tampered); pull it again."
     )
     code, _, err = _cli(capsys, "pull", "g2", "--registry", str(home), "--cache", str(tmp_path / "c"))  # fmt: skip
     assert code == 2 and "file model.safetensors of 'g2' version 1 does not match" in err
@@ -155,6 +156,13 @@ def test_a_tampered_blob_is_refused_by_verify_and_pull(exports, tmp_path, capsys
     assert not list((cache.repo_dir("g2") / "snapshots").glob("*"))
     with pytest.raises(ValueError, match="does not match its sha256"):
         resolve_model_dir("models:/g2/1", registry=str(home), cache=str(tmp_path / "c"))
+    blob.write_bytes(original)
+    core.verify(store, parse_ref("g2/1"))  # restored
+    snap = store.snapshot_dir("g2", core.versions(store, "g2")[1])
+    (snap / "config.json").unlink()
+    (snap / "config.json").symlink_to("../../blobs/" + sha)  # a file swapped for another blob
+    with pytest.raises(ValueError, match="file config.json of 'g2' version 1 is not the blob"):
+        core.verify(store, parse_ref("g2/1"))
 
 
 def test_rm_removes_a_version_and_collects_its_blobs(exports, tmp_path, capsys):
