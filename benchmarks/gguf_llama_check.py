@@ -3,9 +3,9 @@
 Each model is exported with ``baobab export --format gguf`` (``baobab.export.gguf``) as
 f32, f16 and q8_0; ``llama-server`` (a llama.cpp built from source) serves each file on
 loopback and is asked, on llama.cpp's native ``/completion`` endpoint, for ``--tokens``
-greedy tokens (``temperature`` 0, ``ignore_eos``) after a fixed prompt sent as token ids
-(baobab's tokenizer encodes it; llama.cpp's own text tokenization of baobab's BPE may split
-some words differently, see ``baobab/export/gguf_vocab.py``). baobab's reference is
+greedy tokens (``temperature`` 0, ``ignore_eos``) after a fixed prompt sent as baobab's
+token ids; llama.cpp's own tokenization of the prompt text (``/tokenize``) is compared with
+baobab's too. baobab's reference is
 ``baobab.models.sampling.generate`` with temperature 0 on the float32 model. A row reports
 how many of the tokens are equal and where the first difference is, if any: f32 must match
 all of them; f16 and q8_0 round the weights, so a near tie may flip a late token there:
@@ -94,11 +94,15 @@ def llama_greedy(base: str, prompt: list[int], n: int) -> list[int]:
     """llama-server's ``n`` greedy token ids after ``prompt`` (ids)."""
     body = {"prompt": prompt, "n_predict": n, "temperature": 0, "top_k": 1, "ignore_eos": True,
             "return_tokens": True, "cache_prompt": False}  # fmt: skip
+    return [int(t) for t in _post(base, "/completion", body)["tokens"]]
+
+
+def _post(base: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(
-        f"{base}/completion", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        f"{base}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(request, timeout=600) as r:
-        return [int(t) for t in json.loads(r.read())["tokens"]]
+        return json.loads(r.read())
 
 
 def check(name: str, source: Path, binary: Path, work: Path, n: int) -> list[dict]:
@@ -119,6 +123,7 @@ def check(name: str, source: Path, binary: Path, work: Path, n: int) -> list[dic
         server, base = start_llama_server(str(binary), out / GGUF_FILE, 1, context)
         try:
             theirs = llama_greedy(base, prompt, n)
+            tokenized = _post(base, "/tokenize", {"content": PROMPT})["tokens"] == prompt
         finally:
             stop(server)
         same = [a == b for a, b in zip(ours, theirs, strict=False)]
@@ -129,7 +134,7 @@ def check(name: str, source: Path, binary: Path, work: Path, n: int) -> list[dic
         rows.append({
             "model": name, "gguf_type": gguf_type, "prompt_tokens": len(prompt), "tokens": n,
             "equal": sum(same) if len(theirs) == n else 0, "first_difference": first,
-            "distinct_tokens": len(set(ours)),
+            "distinct_tokens": len(set(ours)), "llama_cpp_tokenizes_prompt_alike": tokenized,
             "equal_to_baobab_on_file_weights": sum(a == b for a, b in zip(rounded, theirs)),
             "baobab": ours, "llama_cpp": theirs, "baobab_text": tok.decode(ours),
             "llama_cpp_text": tok.decode(theirs),
@@ -138,7 +143,7 @@ def check(name: str, source: Path, binary: Path, work: Path, n: int) -> list[dic
             f"{name:32} {gguf_type:18} {rows[-1]['equal']:3}/{n} equal"
             + (f", first difference at {first}" if first is not None else "")
             + f"; {rows[-1]['equal_to_baobab_on_file_weights']}/{n} equal to baobab on the "
-            "file's weights",
+            f"file's weights; prompt tokenized alike: {tokenized}",
             flush=True,
         )
     return rows
@@ -162,12 +167,14 @@ def main() -> None:
         for name, source in model_dirs(Path(tmp), args.run).items():
             rows += check(name, source, binary, Path(tmp), args.tokens)
     print(f"\n| model | GGUF | distinct tokens | equal to baobab's (of {args.tokens}) | "
-          "first difference | equal to baobab on the file's weights |")  # fmt: skip
-    print("| --- | --- | --- | --- | --- | --- |")
+          "first difference | equal to baobab on the file's weights | "
+          "prompt tokenized alike |")  # fmt: skip
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         first = "none" if r["first_difference"] is None else f"token {r['first_difference']}"
         print(f"| {r['model']} | {r['gguf_type']} | {r['distinct_tokens']} | {r['equal']} | "
-              f"{first} | {r['equal_to_baobab_on_file_weights']} |")  # fmt: skip
+              f"{first} | {r['equal_to_baobab_on_file_weights']} | "
+              f"{'yes' if r['llama_cpp_tokenizes_prompt_alike'] else 'no'} |")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "gguf_llama_check.json"
     out.write_text(

@@ -11,10 +11,11 @@ writes for such a tokenizer (``TextModel._set_vocab_gpt2`` and ``gguf.SpecialVoc
 - ``merges``: "left right" strings in rank order;
 - ``bos``/``eos`` = ``<|endoftext|>`` (baobab's document boundary and end of turn),
   ``padding`` = ``<|pad|>``, and ``add_bos_token`` false: baobab prompts start with no BOS;
-- ``pre`` = "gpt-2", the pre-tokenizer name llama.cpp knows for this byte-level family.
-  baobab's BPE is trained without GPT-2's regex split, so llama.cpp's own *text*
-  tokenization can split some words differently from baobab's (its detokenizer, byte-level,
-  is the same); send a llama.cpp server token ids where ids must match exactly.
+- ``pre`` = "gpt-2", llama.cpp's name for GPT-2's regex split before merging, which
+  ``train_bpe``'s tokenizers use too (its ByteLevel pre-tokenizer, ``use_regex``); the byte
+  tokenizer splits nothing but has no merges, so splitting changes none of its ids. Either
+  way llama.cpp's own text tokenization gives baobab's ids
+  (``benchmarks/gguf_llama_check.py`` checks it on its prompt).
 """
 
 from __future__ import annotations
