@@ -147,19 +147,54 @@ def generate(
     return text
 
 
-def export(checkpoint: str, out: str, dtype: str | None = None, overwrite: bool = False) -> Path:
-    """Write a checkpoint (saved under any layout) as consolidated safetensors + config + tokenizer.
+def export(
+    checkpoint: str,
+    out: str,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    format: str = "safetensors",
+    gguf_type: str = "f16",
+) -> Path:
+    """Write a checkpoint (saved under any layout) as consolidated safetensors + config + tokenizer,
+    or a Llama-style gpt as a GGUF file for llama.cpp (and an Ollama Modelfile).
 
     Args:
-        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint).
+        checkpoint: a checkpoint directory, or a run directory (its newest checkpoint); for
+            gguf and ollama also a baobab export or a Hugging Face Llama directory.
         out: the directory to write; loadable on one device with no torch.distributed.
-        dtype: cast the weights: float32, bfloat16 or float16 (default: as trained).
+        dtype: cast the weights: float32, bfloat16 or float16 (default: as trained);
+            safetensors only (GGUF has --gguf-type).
         overwrite: replace an existing export in ``out`` (a run, checkpoint, corpus or any
             other directory is never replaced).
+        format: safetensors (a baobab export), gguf (``out/model.gguf``) or ollama
+            (``out/model.gguf`` and ``out/Modelfile``).
+        gguf_type: the GGUF weights: f32, f16 or q8_0 (norms stay f32).
     """
     from baobab.export import export_checkpoint
     from baobab.export.atomic import refuse_to_overwrite
 
+    formats = ("safetensors", "gguf", "ollama")
+    if format not in formats:
+        raise ValueError(f"--format must be one of {', '.join(formats)}; got {format!r}")
+    if format != "safetensors":
+        from baobab.export.gguf import OLLAMA_DEFAULT_TEMPLATE, export_gguf
+        from baobab.serve.chat import DEFAULT_TEMPLATE, ChatTemplate
+
+        if dtype is not None:
+            raise ValueError("--dtype applies to --format safetensors; GGUF takes --gguf-type")
+        template = ChatTemplate.for_export(checkpoint).source  # the model's, else the default
+        go = None
+        if format == "ollama":
+            if template != DEFAULT_TEMPLATE:
+                raise ValueError(
+                    "--format ollama writes the Go template of baobab's default chat template "
+                    f"only, and '{checkpoint}' has its own chat_template.jinja; use --format gguf "
+                    "and write the Modelfile's TEMPLATE by hand"
+                )
+            go = OLLAMA_DEFAULT_TEMPLATE
+        path = export_gguf(checkpoint, out, gguf_type, template, go, overwrite)
+        print(f"wrote {path} ({gguf_type} GGUF{' and an Ollama Modelfile' * (format == 'ollama')})")
+        return path
     refuse_to_overwrite(Path(out), overwrite, (checkpoint,))
     path = export_checkpoint(checkpoint, out, dtype=dtype, overwrite=overwrite)
     print(f"wrote {path}")

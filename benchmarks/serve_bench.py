@@ -31,11 +31,10 @@ For each model (gpt-mini and the gpt2-124m shape by default), in one run:
 
 Rows for EngineConfig fields this baobab lacks (``prefix_caching``, ``speculative``) print
 ``skipped: <why>``. Then llama.cpp on the 88M Llama shape (d768, 12 layers, vocab 4096,
-random weights): the export goes through ``baobab hf export`` and llama.cpp's own
-``convert_hf_to_gguf.py`` (``benchmarks/llama_gguf.py``) to f32 and q8_0 GGUF files, served
-by ``llama-server -np TOP`` beside baobab's fp32 and int8 servers, all driven by the same
-load generator; it needs ``$BAOBAB_LLAMA_SERVER`` (a ``llama-server`` binary) and
-``$BAOBAB_LLAMA_CPP_DIR`` (its source tree), and prints why it is skipped without them.
+random weights): the export is written as f32 and q8_0 GGUF files (``baobab.export.gguf``),
+served by ``llama-server -np TOP`` beside baobab's fp32 and int8 servers, all driven by the
+same load generator; it needs ``$BAOBAB_LLAMA_SERVER`` (a ``llama-server`` binary), and prints
+why it is skipped without them.
 
 gpt-mini uses the quickstart checkpoint when ``runs/quickstart`` exists (run ``baobab
 quickstart`` first), otherwise a seeded random init; the other shapes are seeded random

@@ -1,10 +1,10 @@
 """baobab against llama.cpp on the 88M Llama shape, at the same precision (for serve_bench.py).
 
 The shape (d768, 12 layers, vocab 4096, random weights) goes out as a baobab export, its
-int8 weight-only twin, and ``baobab hf export``'s Hugging Face directory, which llama.cpp's
-own converter turns into f32 and q8_0 GGUF files (``llama_gguf.py``). Four servers run side
-by side: ``baobab serve`` on fp32 and int8, ``llama-server -np TOP`` on f32 and q8_0 (as
-many slots as the top concurrency). Each round drives each of them with the same fixed
+int8 weight-only twin, and f32 and q8_0 GGUF files (``baobab.export.gguf``, written the way
+llama.cpp's own converter writes a Llama). Four servers run side by side: ``baobab serve``
+on fp32 and int8, ``llama-server -np TOP`` on f32 and q8_0 (as many slots as the top
+concurrency). Each round drives each of them with the same fixed
 workload at batch 1 and at the top concurrency; the ratios are baobab / llama.cpp for the
 batch-1 decode rate (1 / TPOT p50) and for output tokens/s at the top concurrency.
 """
@@ -15,8 +15,7 @@ import argparse
 import os
 from pathlib import Path
 
-from llama_gguf import convert
-from serve_peers import LLAMA_CPP_DIR_ENV, LLAMA_SERVER_ENV, start_baobab, start_llama_server
+from serve_peers import LLAMA_SERVER_ENV, start_baobab, start_llama_server
 from serve_rows import (
     Row,
     context_length,
@@ -30,8 +29,10 @@ from serve_rows import (
     tpot,
 )
 
+from baobab.export.gguf import GGUF_FILE, export_gguf
 from baobab.export.quantize import quantize_export
 from baobab.serve.bench_workloads import make_workload
+from baobab.serve.chat import DEFAULT_TEMPLATE
 
 SHAPE = "llama-88m"
 # (baobab server, llama.cpp server) at each precision the goal names
@@ -39,18 +40,10 @@ PAIRS = {"f32": ("baobab fp32", "llama.cpp f32"), "int8": ("baobab int8", "llama
 
 
 def why_skipped() -> str | None:
-    """None when both environment variables point at what they should, else one line."""
-    binary, source = os.environ.get(LLAMA_SERVER_ENV), os.environ.get(LLAMA_CPP_DIR_ENV)
+    """None when the environment variable points at a llama-server binary, else one line."""
+    binary = os.environ.get(LLAMA_SERVER_ENV)
     if not binary or not os.access(binary, os.X_OK):
-        return (
-            f"llama.cpp: skipped (set {LLAMA_SERVER_ENV} to a llama-server binary and "
-            f"{LLAMA_CPP_DIR_ENV} to its llama.cpp source tree)"
-        )
-    if not source or not (Path(source) / "convert_hf_to_gguf.py").is_file():
-        return (
-            f"llama.cpp: skipped (set {LLAMA_CPP_DIR_ENV} to a llama.cpp source tree holding "
-            "convert_hf_to_gguf.py and gguf-py)"
-        )
+        return f"llama.cpp: skipped (set {LLAMA_SERVER_ENV} to a llama-server binary)"
     return None
 
 
@@ -60,11 +53,14 @@ def bench_llama_cpp(args: argparse.Namespace, work: Path) -> dict:
     if skipped:
         print(skipped, flush=True)
         return {"skipped": skipped}
-    binary, source = os.environ[LLAMA_SERVER_ENV], Path(os.environ[LLAMA_CPP_DIR_ENV])
-    export, hf_dir, vocab = make_exports(SHAPE, work, args.seed)
+    binary = os.environ[LLAMA_SERVER_ENV]
+    export, _, vocab = make_exports(SHAPE, work, args.seed)
     context = context_length(export)
     int8 = quantize_export(export, work / f"{SHAPE}-int8", bits=8, skip=())  # as q8_0: head too
-    gguf = {t: convert(source, hf_dir, work / f"{SHAPE}-{t}.gguf", t) for t in ("f32", "q8_0")}
+    gguf = {
+        t: export_gguf(export, work / f"{SHAPE}-{t}", t, DEFAULT_TEMPLATE) / GGUF_FILE
+        for t in ("f32", "q8_0")
+    }
     top = max(args.concurrency)
     launchers = {
         "baobab fp32": lambda: start_baobab(export),

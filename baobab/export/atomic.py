@@ -2,7 +2,7 @@
 
 ``export``, ``quantize``, ``hf export`` and ``hf import`` all write an *export*: a
 directory holding config.json and safetensors weights (a baobab export, a quantized one, a
-Hugging Face directory). ``overwrite`` replaces an existing export and nothing else:
+Hugging Face directory), or a GGUF file (``export --format gguf``). ``overwrite`` replaces an existing export and nothing else:
 
 - an output that is, or lies inside, a run directory, a checkpoint or a prepared corpus
   is refused whatever ``overwrite`` says (replacing it would delete training state);
@@ -30,7 +30,7 @@ from baobab.diskspace import writing
 CHECKPOINTS, METRICS_FILE, RUN_CONFIG = "checkpoints", "metrics.jsonl", "config.yaml"  # run
 DCP_METADATA, TRAINER_STATE = ".metadata", "trainer_state.json"  # a checkpoint, even partial
 MANIFEST_FILE, FIRST_SHARD = "manifest.json", "train_000000.bin"  # a prepared corpus
-EXPORT_CONFIG = "config.json"  # an export: with *.safetensors beside it
+EXPORT_CONFIG = "config.json"  # an export: with *.safetensors beside it (or a *.gguf file)
 
 
 def _is_run(path: Path) -> bool:
@@ -60,13 +60,10 @@ def protected_kind(path: Path) -> str | None:
 
 def is_export(path: Path) -> bool:
     """True for a directory an export writer may replace: config.json and safetensors
-    weights (baobab, quantized or Hugging Face), and nothing that holds training state."""
-    return (
-        path.is_dir()
-        and (path / EXPORT_CONFIG).is_file()
-        and any(path.glob("*.safetensors"))
-        and protected_kind(path) is None
-    )
+    weights (baobab, quantized or Hugging Face) or a GGUF file, and nothing that holds
+    training state."""
+    weights = (path / EXPORT_CONFIG).is_file() and any(path.glob("*.safetensors"))
+    return path.is_dir() and (weights or any(path.glob("*.gguf"))) and protected_kind(path) is None
 
 
 def refuse_to_overwrite(out: Path, overwrite: bool, sources: Iterable[str | Path] = ()) -> None:
