@@ -192,11 +192,32 @@ def _underscored(arg: str) -> str:
     return "--" + flag[2:].replace("-", "_") + sep + value
 
 
+def _registry_names_pulled(argv: list[str]) -> list[str]:
+    """Training's model directories (``--model.init``, ``--distill.teacher``) may be registry
+    names (``models:/NAME@ALIAS``, ``models:/NAME/3``): each is pulled into the cache and
+    verified here, once, before any worker starts, and handed on as its directory."""
+    if not any("models:/" in arg for arg in argv):
+        return argv
+    from baobab.registry import resolve_model_dir
+
+    pulled = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if eq and value.startswith("models:/"):
+            arg = f"{flag}={resolve_model_dir(value)}"
+        elif arg.startswith("models:/"):
+            arg = str(resolve_model_dir(arg))
+        pulled.append(arg)
+    return pulled
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = [_underscored(arg) for arg in (sys.argv[1:] if argv is None else argv)]
     named = argv[0] if argv and argv[0] in (*BUILT_IN, *COMMANDS) else None
     parser = build_parser(only=named)
     try:
+        if named in ("train", "finetune", "plan") and not launch.in_worker():
+            argv = _registry_names_pulled(argv)
         if argv[:1] in (["train"], ["finetune"]) and not launch.in_worker():
             launch_args, argv = launch.split_launch_args(argv)
             if launch_args:

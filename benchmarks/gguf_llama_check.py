@@ -19,8 +19,8 @@ from a copy) when present, and a random gpt-mini (seed 0, byte tokenizer):
 greedy equality holds for random weights too.
 
 llama-server: ``$BAOBAB_LLAMA_SERVER``, else ``build/bin/llama-server`` under
-``$BAOBAB_LLAMA_CPP_DIR``, else under ``~/.cache/llama-cpp/src/llama.cpp``; with none of
-them the script says so and exits 0.
+``$BAOBAB_LLAMA_CPP_DIR`` (a llama.cpp source tree built with cmake); with neither the
+script says so and exits 0.
 
     python benchmarks/gguf_llama_check.py [--tokens 48] [--run runs/quickstart]
 
@@ -54,7 +54,6 @@ from baobab.models.sampling import generate
 from baobab.serve.chat import DEFAULT_TEMPLATE
 
 RESULTS = Path(__file__).parent / "results"
-DEFAULT_LLAMA_CPP_DIR = Path("~/.cache/llama-cpp/src/llama.cpp").expanduser()
 CONTROL = "f32, q/k unpermuted"  # a control row: the check must catch a wrong rope layout
 PROMPT = "class Parser:\n    def __init__(self, text):\n        self."
 
@@ -65,8 +64,7 @@ def find_llama_server() -> Path | None:
         candidates = [Path(os.environ[LLAMA_SERVER_ENV])]
     else:
         root = os.environ.get(LLAMA_CPP_DIR_ENV)
-        candidates = [Path(root) if root else DEFAULT_LLAMA_CPP_DIR]
-        candidates = [c / "build" / "bin" / "llama-server" for c in candidates]
+        candidates = [Path(root) / "build" / "bin" / "llama-server"] if root else []
     return next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
 
 

@@ -126,8 +126,9 @@ def explain_command(
     check_out_dir(out, [model_dir])  # refuse a bad --out before any work
     device = explain.torch_device()
     from baobab.export.open import open_model
+    from baobab.registry import resolve_model_dir
 
-    opened = open_model(model_dir)
+    opened = open_model(resolve_model_dir(model_dir))
     family = opened.described.get("family") or ""
     model = opened.model.to(device).eval()
     tokenizer = None

@@ -43,9 +43,11 @@ class Figure:
 
 
 def token_label(token: str, width: int = 12) -> str:
-    """A token as a figure label: whitespace made visible, ``$`` kept out of mathtext,
-    cut to ``width`` characters."""
+    """A token as a figure label: whitespace made visible, other control characters as
+    escapes (no font has glyphs for them), ``$`` kept out of mathtext, cut to ``width``
+    characters."""
     shown = token.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in shown)
     shown = shown if len(shown) <= width else shown[: width - 1] + "…"
     return shown.replace("$", r"\$") or "∅"
 

@@ -97,7 +97,9 @@ def serve(
     """Serve an exported model over an OpenAI-compatible HTTP API.
 
     Args:
-        export_dir: a directory written by ``baobab export`` (a language or image model).
+        export_dir: a directory written by ``baobab export`` (a language or image model), or
+            a registry name, ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` (pulled into
+            the cache and verified first).
         host: the address to listen on; the default answers this machine only.
         port: the TCP port to listen on.
         api_key: a key clients must send as 'Authorization: Bearer KEY' on every route but
@@ -126,6 +128,10 @@ def serve(
         keys = [os.environ[API_KEY_ENV]]
     if any(not k for k in keys):
         raise ValueError("api_key must not be empty")
+    if export_dir.startswith("models:/"):
+        from baobab.registry import resolve_model_dir
+
+        export_dir = str(resolve_model_dir(export_dir))  # a tampered blob is refused here
     read_config(export_dir)  # a missing or incomplete export fails here, before listening
     template = ChatTemplate.for_export(export_dir)
     if not isinstance(engine, EngineConfig):  # the CLI hands nested flags over as a namespace

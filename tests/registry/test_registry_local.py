@@ -214,3 +214,22 @@ def test_generate_reads_a_registry_name(registry, exports, monkeypatch, capsys):
     by_name = generate("models:/gpt-mini/1", prompt="ab", max_tokens=5, temperature=0)
     by_dir = generate(str(exports["llama"][1]), prompt="ab", max_tokens=5, temperature=0)
     assert by_name == by_dir
+
+
+def test_training_and_explain_read_registry_names(registry, exports, monkeypatch, capsys, tmp_path):
+    """``--model.init models:/…`` is pulled once in the launching process (``baobab plan`` reads
+    it like ``baobab train``), and ``baobab explain`` opens a name like a directory."""
+    monkeypatch.setenv("BAOBAB_REGISTRY", str(registry))
+    capsys.readouterr()
+    assert (
+        main(["plan", "--model.init", "models:/gpt-mini/1", "--data.seq_len", "16", "--json"]) == 0
+    )
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["model"] == str(resolve_model_dir("models:/gpt-mini/1"))
+    out = tmp_path / "explained"
+    argv = ["explain", "models:/gpt-mini/1", "--prompt", "ab", "--methods", "grad_x_input",
+            "--out", str(out), "--progress", "false"]  # fmt: skip
+    assert main(argv) == 0
+    assert json.loads((out / "explanation.json").read_text())["family"] == "gpt"
+    assert main(["plan", "--model.init=models:/gpt-mini@nope"]) == 2
+    assert "has no alias @nope; aliases: " in capsys.readouterr().err
