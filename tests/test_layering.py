@@ -21,7 +21,7 @@ PACKAGE = Path(baobab.__file__).parent
 # written) comes before ``train``, which reads them for --model.init and teachers and never
 # needs the loop's output format to be written by itself.
 FLOW: list[set[str]] = [
-    {"diskspace", "recipes"},  # leaf utilities: nothing of baobab
+    {"diskspace", "recipes", "storage"},  # leaf utilities: nothing of baobab
     {"data"},
     {"models"},
     {"optim", "parallel", "checkpoint", "horovod"},

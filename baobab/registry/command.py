@@ -1,7 +1,8 @@
 """``baobab registry push|pull|list|show|alias|verify|rm``: the typed functions the CLI calls.
 
-The registry is ``--registry DIR``, else ``$BAOBAB_REGISTRY``, else
-``~/.cache/baobab/registry`` (a local store in the Hugging Face hub cache layout). Pulls go
+The registry is ``--registry DIR|URL``, else ``$BAOBAB_REGISTRY``, else
+``~/.cache/baobab/registry`` (a local store in the Hugging Face hub cache layout); a URL such
+as ``s3://bucket/prefix`` is an object store (:mod:`~baobab.registry.objstore`). Pulls go
 into ``--cache DIR``, else ``$BAOBAB_CACHE``, else the registry itself when it is local
 (then a pull only verifies). Bad input is a ValueError of one sentence (exit 2).
 """
@@ -17,18 +18,20 @@ from typing import Any
 from baobab.registry import core
 from baobab.registry.names import parse_push, parse_ref
 from baobab.registry.store import LocalStore, Store
+from baobab.storage import is_remote
 
 HOME_ENV, CACHE_ENV = "BAOBAB_REGISTRY", "BAOBAB_CACHE"
 DEFAULT_HOME = "~/.cache/baobab/registry"
 
 
 def open_store(registry: str | None = None) -> Store:
-    """The store at ``registry`` (a directory; default: $BAOBAB_REGISTRY or ~/.cache/...)."""
+    """The store at ``registry``: a directory (default: $BAOBAB_REGISTRY or ~/.cache/...), or
+    an object-store URL such as ``s3://bucket/prefix`` (credentials from the environment)."""
     where = registry or os.environ.get(HOME_ENV) or DEFAULT_HOME
-    if "://" in where and not where.startswith("file://"):
-        scheme = where.split("://", 1)[0]
-        raise ValueError(f"registry '{where}': {scheme}:// stores are not supported yet; "
-                         "use a local directory.")  # fmt: skip
+    if is_remote(where):
+        from baobab.registry.objstore import ObjectStore  # deferred: imports fsspec
+
+        return ObjectStore(where)
     return LocalStore(Path(where.removeprefix("file://")).expanduser())
 
 

@@ -1,7 +1,7 @@
 """The torch-free half of a push, as a process of its own: ``python -m baobab.registry.light
 FILES_JSON HOME NAME[:TAG]`` publishes already packaged files (``{"files": {name: path},
-"meta": {...}}``, what :func:`baobab.registry.package.package_export` returns) into the local
-registry at HOME. The crash tests run it once per kill point (``BAOBAB_REGISTRY_KILL_AT``):
+"meta": {...}}``, what :func:`baobab.registry.package.package_export` returns) into the
+registry at HOME (a directory, or an object-store URL such as ``s3://bucket/prefix``). The crash tests run it once per kill point (``BAOBAB_REGISTRY_KILL_AT``):
 it imports baobab.registry and no torch, so each run starts in a fraction of a second.
 """
 
@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from baobab.registry.command import open_store
 from baobab.registry.core import publish
 from baobab.registry.names import parse_push
-from baobab.registry.store import LocalStore
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str]) -> int:
     packaged = json.loads(Path(files_json).read_text())
     name, tag = parse_push(spec)
     files = {k: Path(v) for k, v in packaged["files"].items()}
-    version, created = publish(LocalStore(home), name, files, packaged["meta"], tag)
+    version, created = publish(open_store(home), name, files, packaged["meta"], tag)
     print(json.dumps({"version": version, "created": created}))
     return 0
 
