@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from baobab.registry.store import repo_folder, write_point
-from baobab.storage.objects import open_filesystem, put_bytes, put_file
+from baobab.storage.objects import check_reachable, open_filesystem, put_bytes, put_file
 
 _LOCKS: dict[str, threading.Lock] = {}
 
@@ -35,9 +35,13 @@ _LOCKS: dict[str, threading.Lock] = {}
 class ObjectStore:
     """A :class:`~baobab.registry.store.Store` on an fsspec object store (module docstring)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, check: bool = True) -> None:
+        """Open the store at ``url``; with ``check``, a missing or unreachable bucket is a
+        ValueError of one sentence now rather than a client error later."""
         self.url = url
         self.fs, self.root = open_filesystem(url)
+        if check:
+            check_reachable(self.fs, url, self.root)
 
     def __repr__(self) -> str:
         return f"ObjectStore({self.url!r})"

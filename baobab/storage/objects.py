@@ -84,6 +84,28 @@ def open_filesystem(url: str) -> tuple[Any, str]:
     return fs, root.rstrip("/")
 
 
+def check_reachable(fs: Any, url: str, root: str) -> None:
+    """A ValueError of one sentence when the bucket of ``url`` (S3) is missing or cannot be
+    reached with the environment's endpoint and credentials; other stores are not checked.
+    The sentence names the error's type only: a client's message may echo a request."""
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if not protocols & {"s3", "s3a"}:
+        return
+    bucket = root.split("/", 1)[0]
+    try:
+        found = fs.exists(bucket)
+    except Exception as err:  # network, permission, endpoint: the client's many types
+        raise ValueError(
+            f"the store {url} cannot be reached ({type(err).__name__}); check "
+            "BAOBAB_S3_ENDPOINT_URL and the AWS_* credentials in the environment."
+        ) from None
+    if not found:  # s3fs answers False for a missing bucket and an unreachable endpoint alike
+        raise ValueError(
+            f"the store {url}: bucket '{bucket}' not found or the endpoint not reachable; "
+            "create the bucket, or check BAOBAB_S3_ENDPOINT_URL and the AWS_* credentials."
+        )
+
+
 def put_file(fs: Any, src: Path, path: str, size: int, sha256: str | None = None) -> None:
     """Upload ``src`` to ``path`` as one object, then check it: its size always, and its
     sha256 (when given) by reading it back when it is at most REHASH_LIMIT bytes."""

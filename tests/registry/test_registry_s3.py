@@ -215,6 +215,10 @@ def test_credentials_are_never_written_or_printed(s3_server, exports, packaged, 
     code, out, err = _cli(capsys, "list", "--registry", f"s3://{key}:{secret}@bucket/reg")
     assert code != 0 and "must not carry credentials" in err and "bucket/reg" in err
     captured.append(out + err)
+    # a missing bucket, or an endpoint nobody listens on: one sentence each
+    code, out, err = _cli(capsys, "list", "--registry", "s3://no-such-bucket/reg")
+    assert code != 0 and "bucket 'no-such-bucket' not found" in err and "Traceback" not in err
+    captured.append(out + err)
     written = list(s3_server.objects(url).values())
     written += [p.read_bytes() for p in (tmp_path / "cache").rglob("*") if p.is_file()]
     assert len(written) > 10
