@@ -233,3 +233,25 @@ def test_the_light_entry_point_on_s3_imports_no_torch(s3_server) -> None:
     url = s3_server.new_bucket("light")
     out = subprocess.run([sys.executable, "-c", code, url], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_a_killed_pull_from_s3_resumes_and_a_bad_partial_is_refused(
+    registry, s3_server, tmp_path, capsys
+):
+    store = ObjectStore(registry)
+    manifest = store.read_manifest("gpt-mini", core.versions(store, "gpt-mini")[1])
+    entry = manifest["files"]["model.safetensors"]
+    data = s3_server.objects(registry)[f"team/models/models--gpt-mini/blobs/{entry['sha256']}"]
+    for partial, ok in ((data[: len(data) // 2], True), (b"x" * 100, False)):
+        cache = tmp_path / ("good" if ok else "bad")
+        blobs = cache / "models--gpt-mini" / "blobs"
+        blobs.mkdir(parents=True)
+        (blobs / f"{entry['sha256']}.incomplete").write_bytes(partial)  # a killed pull's
+        code, out, err = _cli(capsys, "pull", "gpt-mini/1", "--registry", registry,
+                              "--cache", str(cache))  # fmt: skip
+        assert (code == 0) == ok, err
+        if ok:
+            assert (Path(out.strip()) / "model.safetensors").read_bytes() == data
+        else:
+            assert "file model.safetensors of 'gpt-mini' version 1 does not match" in err
+            assert not (blobs / entry["sha256"]).exists()
