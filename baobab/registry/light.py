@@ -1,8 +1,9 @@
 """The torch-free half of a push, as a process of its own: ``python -m baobab.registry.light
 FILES_JSON HOME NAME[:TAG]`` publishes already packaged files (``{"files": {name: path},
 "meta": {...}}``, what :func:`baobab.registry.package.package_export` returns) into the
-registry at HOME (a directory, or an object-store URL such as ``s3://bucket/prefix``). The crash tests run it once per kill point (``BAOBAB_REGISTRY_KILL_AT``):
-it imports baobab.registry and no torch, so each run starts in a fraction of a second.
+registry at HOME (a directory, or an object-store URL such as ``s3://bucket/prefix``).
+The crash tests run it once per kill point (``BAOBAB_REGISTRY_KILL_AT``): it imports
+baobab.registry and no torch, so each run starts in a fraction of a second.
 """
 
 from __future__ import annotations

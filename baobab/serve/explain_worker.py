@@ -7,7 +7,8 @@ child process), never in the HTTP event loop, and never at the same time as a de
   thread waits in :meth:`SlicedWorker.run_for` (a baton passed back and forth under one
   condition variable). The explanation's ``progress`` callback (after each forward pass)
   and hooks on the model's blocks (before each block's forward and backward) are its
-  pause points: once the slice's time is spent it hands the baton back and blocks. So torch work of decoding and of explaining never overlaps, and Captum runs
+  pause points: once the slice's time is spent it hands the baton back and blocks. So
+  torch work of decoding and of explaining never overlaps, and Captum runs
   unchanged. The worker thread runs with autograd on (the core's ``inference_mode`` is
   thread-local and does not reach it).
 - :class:`Explanations` is the core's queue (one explanation runs, the rest wait in
