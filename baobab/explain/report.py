@@ -10,17 +10,14 @@ run, a checkpoint, a corpus, a model or any other directory is refused, in one s
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from baobab.diskspace import writing
 from baobab.explain.figures import figures_for
 from baobab.explain.html import render_html
 from baobab.explain.types import ExplainError, Explanation
-from baobab.export.atomic import protected_kind
+from baobab.export.atomic import protected_kind, replaced_directory
 
 JSON_FILE, HTML_FILE = "explanation.json", "report.html"
 
@@ -63,33 +60,13 @@ def write_report(result: Explanation, out_dir: str | Path, meta: dict[str, Any])
     out = check_out_dir(out_dir, sources)
     figures = figures_for(result)
     page = render_html(result, meta, figures)
-    place = out.resolve()  # "." and "dir/.." have no name to put a temporary beside
-    place.parent.mkdir(parents=True, exist_ok=True)
-    tmp = place.with_name(f".tmp-{place.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        with writing(f"explanation '{out}'", place.parent):
-            tmp.mkdir()
-            text = json.dumps(document(result, meta), indent=1, allow_nan=False)
-            (tmp / JSON_FILE).write_text(text + "\n")
-            for figure in figures:
-                (tmp / figure.name).write_bytes(figure.png)
-            (tmp / HTML_FILE).write_text(page, encoding="utf-8")
-            _replace(tmp, place)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replaced_directory(out, "explanation") as tmp:
+        text = json.dumps(document(result, meta), indent=1, allow_nan=False)
+        (tmp / JSON_FILE).write_text(text + "\n")
+        for figure in figures:
+            (tmp / figure.name).write_bytes(figure.png)
+        (tmp / HTML_FILE).write_text(page, encoding="utf-8")
     return out
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Put ``tmp`` at ``out`` by renames: an existing ``out`` is moved aside, then deleted."""
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.with_name(f".tmp-old-{out.name}-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["HTML_FILE", "JSON_FILE", "check_out_dir", "document", "write_report"]

@@ -120,15 +120,25 @@ def atomic_directory(
     """
     out = Path(out)
     refuse_to_overwrite(out, overwrite, sources)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".tmp-{out.name}-{os.getpid()}")
+    with replaced_directory(out, what) as tmp:
+        yield tmp
+
+
+@contextmanager
+def replaced_directory(out: str | Path, what: str) -> Iterator[Path]:
+    """Yield a temporary directory beside ``out``; when the block ends without error it
+    takes ``out``'s place in one rename, otherwise ``out`` is left as it was. Whether
+    ``out`` may be replaced is the caller's to check (:func:`atomic_directory` does)."""
+    place = Path(out).resolve()  # "." and "dir/.." have no name to put a temporary beside
+    place.parent.mkdir(parents=True, exist_ok=True)
+    tmp = place.with_name(f".tmp-{place.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         # Measured inside: the free space is read before the cleanup below frees it.
-        with writing(f"{what} '{out}'", out.parent):
+        with writing(f"{what} '{out}'", place.parent):
             tmp.mkdir()
             yield tmp
-            _replace(tmp, out)
+            _replace(tmp, place)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
