@@ -27,6 +27,8 @@ from collections.abc import Callable
 import torch
 from captum.attr import IntegratedGradients
 
+from baobab.explain.types import ExplainError
+
 PIECES = 16
 """A budget of n integration points is spent in pieces of ceil(n / 16) points (at least 4):
 at most 16 pieces computed (a split recomputes both halves), each costing Captum two more
@@ -62,7 +64,8 @@ def integrated_gradients(
     """Attributions shaped like ``inputs`` (1, ...) of ``forward`` (rows -> (rows,)) from
     ``baseline``, and their convergence delta bound (the sum of the pieces' absolute
     deltas, at least |sum(attributions) - (f(inputs) - f(baseline))|), spending at most
-    ``steps`` integration points; stops refining once the bound is within max_delta."""
+    ``steps`` integration points; stops refining once the bound is within max_delta, and
+    raises ExplainError (raise ig_steps) when the budget ends before it is."""
     points = piece_points(steps)
     ig = IntegratedGradients(forward)
 
@@ -91,5 +94,10 @@ def integrated_gradients(
         del pieces[(a, c)]
         pieces[(a, middle)], pieces[(middle, c)] = piece(a, middle), piece(middle, c)
         spent += 2 * points
-    attr = torch.stack([a for a, _ in pieces.values()]).sum(0)
-    return attr, sum(abs(d) for _, d in pieces.values())
+    delta = sum(abs(d) for _, d in pieces.values())
+    if not delta <= max_delta:
+        raise ExplainError(
+            f"integrated gradients did not converge: their delta {delta:.3g} exceeds "
+            f"max_delta {max_delta:g} at {steps} steps; raise ig_steps."
+        )
+    return torch.stack([a for a, _ in pieces.values()]).sum(0), delta

@@ -106,11 +106,6 @@ def attribute(
                 max_delta,
                 internal_batch_size,
             )
-            if not abs(delta) <= max_delta:
-                raise ExplainError(
-                    f"integrated gradients did not converge: their delta {delta:.3g} exceeds "
-                    f"max_delta {max_delta:g} at {ig_steps} steps; raise ig_steps."
-                )
             scores = attr.sum(-1)[0]  # (P,)
         elif method == "grad_x_input":
             scores = InputXGradient(objective).attribute(embeds.clone().requires_grad_())
