@@ -3,8 +3,8 @@
 The file's tensors, shapes, types and metadata are checked against llama.cpp's conventions
 as the ``gguf`` package itself names them; a baobab gpt rebuilt from the file's tensors
 (q/k un-permuted, q8_0 dequantized by the same package) is compared with the original.
-Tolerances (max |logit difference| measured at these shapes with seed 0 on CPU: f32
-0, f16 ~1e-4, q8_0 ~1e-3): f32 1e-5, f16 1e-3, q8_0 1e-2.
+Tolerances (``TOLERANCE``, max |logit difference| with max |logit| about 2 at these
+shapes): f32 1e-5, f16 2e-3, q8_0 5e-2.
 """
 
 from __future__ import annotations
